@@ -1,0 +1,98 @@
+"""Which parameters a selector may choose from, which are trained whole, and which stay frozen.
+
+The rules are data (lists of dicts), so a bundle or YAML config can pass its own list or extend a
+preset. Each parameter takes the role of the first rule that matches it:
+
+``{"match": regex, "exclude": regex, "min_ndim": int, "max_ndim": int, "role": "select"|"train"|"freeze"}``
+
+``match`` / ``exclude`` are searched (``re.search``) in the parameter name; every key but ``role`` is
+optional. A parameter no rule matches is frozen. The presets reproduce the name rules of the
+reference code (FightingFighting/GPS ``utils/pruning.py`` for ViT, ``SAM/utils_/pruning.py`` for SAM):
+the order matters, e.g. ``norm`` wins over ``bias`` so LayerNorm biases stay frozen.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+SELECT, TRAIN, FREEZE = "select", "train", "freeze"
+ROLES = (SELECT, TRAIN, FREEZE)
+
+PRESETS: dict[str, list[dict]] = {
+    # timm ViT classification: weights of linear / conv layers selected; biases, layer-scale gammas
+    # and the head fully trained; norms, position embeddings and the cls token frozen.
+    "vit": [
+        {"match": r"norm|pos_embed|cls_token", "role": FREEZE},
+        {"match": r"head|bias|gamma", "role": TRAIN},
+        {"min_ndim": 2, "role": SELECT},
+        {"role": FREEZE},
+    ],
+    # segment-anything: only the image encoder's weights are selected; its biases trained; norms,
+    # pos_embed, relative-position tables ("pos") and the neck's 1-D (LayerNorm2d) weights frozen;
+    # prompt encoder and mask decoder fully trained.
+    "sam": [
+        {"exclude": r"(^|\.)image_encoder\.", "role": TRAIN},
+        {"match": r"norm|pos", "role": FREEZE},
+        {"match": r"bias", "role": TRAIN},
+        {"match": r"neck", "max_ndim": 1, "role": FREEZE},
+        {"min_ndim": 2, "role": SELECT},
+        {"role": FREEZE},
+    ],
+}
+
+_RULE_KEYS = {"match", "exclude", "min_ndim", "max_ndim", "role"}
+
+
+def resolve_rules(eligibility: str | Sequence[Mapping] | None, model: torch.nn.Module | None = None) -> list[dict]:
+    """Turn a preset name, ``"auto"``/``None`` or a rule list into a checked rule list."""
+    if eligibility is None or eligibility == "auto":
+        if model is None:
+            raise ValueError("eligibility 'auto' needs the model to look at")
+        is_sam = any(re.search(r"(^|\.)image_encoder\.", n) for n, _ in model.named_parameters())
+        eligibility = "sam" if is_sam else "vit"
+    if isinstance(eligibility, str):
+        if eligibility not in PRESETS:
+            raise ValueError(f"unknown eligibility preset {eligibility!r}; known presets: {sorted(PRESETS)} (or 'auto', or a list of rules)")
+        return [dict(r) for r in PRESETS[eligibility]]
+    rules = [dict(r) for r in eligibility]
+    for i, rule in enumerate(rules):
+        unknown = set(rule) - _RULE_KEYS
+        if unknown:
+            raise ValueError(f"eligibility rule {i} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_RULE_KEYS)}")
+        if rule.get("role") not in ROLES:
+            raise ValueError(f"eligibility rule {i} has role {rule.get('role')!r}; expected one of {ROLES}")
+        for key in ("match", "exclude"):
+            if key in rule:
+                try:
+                    re.compile(rule[key])
+                except re.error as err:
+                    raise ValueError(f"eligibility rule {i}: bad regular expression {key}={rule[key]!r}: {err}") from err
+    return rules
+
+
+def role_of(name: str, ndim: int, rules: Iterable[Mapping]) -> str:
+    for rule in rules:
+        if "match" in rule and not re.search(rule["match"], name):
+            continue
+        if "exclude" in rule and re.search(rule["exclude"], name):
+            continue
+        if ndim < rule.get("min_ndim", 0) or ndim > rule.get("max_ndim", 1 << 30):
+            continue
+        return rule["role"]
+    return FREEZE
+
+
+def assign_roles(model: torch.nn.Module, eligibility: str | Sequence[Mapping] | None = "auto") -> dict[str, str]:
+    """``{param_name: role}`` for every parameter of ``model``; raises if nothing is selectable."""
+    rules = resolve_rules(eligibility, model)
+    roles = {n: role_of(n, p.ndim, rules) for n, p in model.named_parameters()}
+    if not any(r == SELECT for r in roles.values()):
+        label = eligibility if isinstance(eligibility, str) else "the given rules"
+        raise ValueError(
+            f"eligibility {label!r} leaves no parameter of this {type(model).__name__} to select from "
+            f"(names look like {list(roles)[:3]}); pick the preset that matches the model or pass rules"
+        )
+    return roles

@@ -1,0 +1,113 @@
+"""FPS: forward-only parameter selection (Yang, Wei, Lin, arXiv 2510.27359).
+
+Score of weight ``W[j, k]`` = ``|W[j, k]| * E|x_k|``, where ``x_k`` is input feature ``k`` of the
+layer, averaged over every sample and token of the selection batches. Because ``|W|`` does not
+depend on the data, the expectation factorises: one forward pass under ``torch.no_grad`` that keeps
+a single running vector per layer (sum of ``|x|`` per input feature, and a count) is all the data
+work; no backward runs and no weight gradient is ever allocated. The choice is then GPS's: top-K per
+output row, so FPS and GPS tune the same number of entries at the same K.
+
+Choices the paper leaves open, as parameters with the inferred reference default
+(``../shared/research/methods.md`` section 4): L1 mean of ``|x|`` over all tokens (not an L2 norm,
+not CLS only); conv weights scored on their unfolded input ``[in * kh * kw]``, so each kernel tap
+has its own activation mean; eval mode (no dropout / drop-path) for a deterministic score.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg_peft.data.batches import iter_batches
+from medseg_peft.selection.base import Selector, model_device
+from medseg_peft.selection.selection import row_view_shape
+
+log = logging.getLogger("medseg_peft")
+
+_SCORED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _InputMeans:
+    """Running sum of ``|input feature|`` of one layer; the only thing FPS keeps per layer."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        if isinstance(module, nn.Linear):
+            feats = x.reshape(-1, x.shape[-1])
+        elif isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and module.padding_mode == "zeros":
+            cols = F.unfold(x if x.ndim == 4 else x.unsqueeze(0), module.kernel_size, module.dilation, module.padding, module.stride)
+            feats = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B*L, C*kh*kw]
+        else:  # other convs: per input channel, the same mean for every kernel tap
+            c = module.in_channels
+            per_channel = x.transpose(0, 1).reshape(c, -1) if x.ndim == module.weight.ndim else x.reshape(c, -1)
+            taps = module.weight[0, 0].numel()
+            feats = per_channel.t().repeat_interleave(taps, dim=1)
+        part = torch.linalg.vector_norm(feats.float(), ord=1, dim=0)
+        self.sum = part if self.sum is None else self.sum + part
+        self.count += feats.shape[0]
+
+    def mean(self) -> torch.Tensor | None:
+        return None if self.sum is None else self.sum / self.count
+
+
+class FPS(Selector):
+    """Forward-only selection: ``|W| * mean |x|``, top-K per output row.
+
+    Args:
+        k: entries per output row (``k=1`` gives GPS's 0.2 % of a ViT-B).
+        train_mode: score with the model in train mode (dropout active); default eval mode.
+        see :class:`~medseg_peft.selection.base.Selector` for ``eligibility``, ``max_batches``, ``seed``.
+    """
+
+    method = "fps"
+
+    def __init__(self, k: int = 1, *, train_mode: bool = False, **kwargs):
+        super().__init__(k, **kwargs)
+        self.train_mode = train_mode
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "train_mode": self.train_mode}
+
+    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        params = dict(model.named_parameters())
+        consumers: dict[str, _InputMeans] = {}
+        for mname, module in model.named_modules():
+            wname = f"{mname}.weight" if mname else "weight"
+            if isinstance(module, _SCORED_MODULES) and wname in selectable and wname not in consumers:
+                consumers[wname] = _InputMeans(module)
+        handles = [c.module.register_forward_pre_hook(c) for c in consumers.values()]
+        was_training = model.training
+        model.train(self.train_mode)
+        try:
+            with torch.no_grad():
+                for x, _ in iter_batches(batches, model_device(model), self.max_batches):
+                    model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        return self._score_each(params, consumers, selectable)
+
+    @staticmethod
+    def _score_each(params, consumers, selectable) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in selectable:
+            w = params[name].detach()
+            means = consumers[name].mean() if name in consumers else None
+            if means is None:
+                log.warning("FPS: %s saw no input during the forward pass (not a Linear/Conv weight, or unused); scoring it by |W| alone", name)
+                yield name, w.abs()
+                continue
+            rows, cols = row_view_shape(tuple(w.shape))
+            groups = getattr(consumers[name].module, "groups", 1)
+            per_group = means.reshape(groups, cols)  # group g's input features feed rows of group g
+            act = per_group.repeat_interleave(rows // groups, dim=0)
+            yield name, (w.reshape(rows, cols).abs().float() * act).reshape(w.shape)

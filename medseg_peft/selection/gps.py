@@ -1,0 +1,146 @@
+"""GPS: gradient-based parameter selection (Zhang et al., CVPR 2024, arXiv 2312.10136).
+
+Score = ``|sum over selection batches of the gradient of the batch loss|``: one backward per batch,
+gradients accumulated without an optimizer step, so signs of different batches cancel (the
+reference's signed sum, not a sum of magnitudes). Then top-K per output row.
+
+Only the selectable weights require grad while scoring, so no gradient is allocated for biases,
+norms, heads or decoders that the selection does not rank. The reference scores in train mode
+(drop-path active); ``train_mode`` keeps that default.
+
+Losses:
+- ``"supcon"`` (the paper's classification default): supervised contrastive loss on the pre-head
+  features of two augmented views of each batch; the head gets no gradient.
+- ``"ce"``: cross entropy on the model's logits.
+- any callable ``loss(outputs, targets) -> scalar``: the task loss (for segmentation, the training loss,
+  as GPS does on SAM).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg_peft.data.batches import iter_batches
+from medseg_peft.selection.base import Selector, model_device
+from medseg_peft.selection.supcon import supcon_loss
+
+LOSSES = ("supcon", "ce")
+
+
+def random_views(x: torch.Tensor) -> torch.Tensor:
+    """A random-resized crop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip of each image.
+
+    The default second-view augmentation when a loader yields single views; the geometric part of
+    the reference's two-crop transform (colour jitter belongs in the data pipeline, before
+    normalisation: pass two-view batches or ``augment=`` to match the paper exactly).
+    """
+    from torchvision.transforms import v2
+
+    crop = v2.Compose([v2.RandomResizedCrop(tuple(x.shape[-2:]), scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    return torch.stack([crop(img) for img in x])
+
+
+def pre_head_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The features a classifier head sees: timm's ``pre_logits``, else the input of ``model.head``."""
+    if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(
+            f"GPS(loss='supcon') needs pre-head features, but {type(model).__name__} is no timm model and has no "
+            "`head` module; pass feature_fn=(model, x) -> features"
+        )
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0].flatten(1)
+
+
+class GPS(Selector):
+    """Gradient-based selection: ``|sum of gradients|``, top-K per output row.
+
+    Args:
+        k: entries per output row.
+        loss: ``"supcon"``, ``"ce"`` or a callable ``(outputs, targets) -> loss``.
+        temperature: SupCon temperature (0.07 in the reference).
+        augment: ``x -> x'`` making one random view of a batch for SupCon when the loader yields one
+            view (default :func:`random_views`); a loader may instead yield ``([view1, view2], labels)``.
+        feature_fn: ``(model, x) -> features`` for SupCon on a model that is not a timm classifier.
+        train_mode: score with the model in train mode (the reference; drop-path active).
+        amp: autocast the forward to bfloat16 on CUDA (the reference uses AMP); gradients stay fp32.
+        see :class:`~medseg_peft.selection.base.Selector` for ``eligibility``, ``max_batches``, ``seed``.
+    """
+
+    method = "gps"
+
+    def __init__(
+        self,
+        k: int = 1,
+        *,
+        loss: str | Callable = "supcon",
+        temperature: float = 0.07,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        train_mode: bool = True,
+        amp: bool = False,
+        **kwargs,
+    ):
+        super().__init__(k, **kwargs)
+        if not callable(loss) and loss not in LOSSES:
+            raise ValueError(f"GPS loss must be one of {LOSSES} or a callable (outputs, targets) -> loss, got {loss!r}")
+        self.loss = loss
+        self.temperature = temperature
+        self.augment = augment or random_views
+        self.feature_fn = feature_fn or pre_head_features
+        self.train_mode = train_mode
+        self.amp = amp
+
+    def hparams(self) -> dict:
+        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", type(self.loss).__name__)
+        return {**super().hparams(), "loss": loss, "temperature": self.temperature, "train_mode": self.train_mode, "amp": self.amp}
+
+    def batch_loss(self, model: nn.Module, x, y) -> torch.Tensor:
+        if self.loss == "supcon":
+            views = list(x) if isinstance(x, (list, tuple)) else [self.augment(x), self.augment(x)]
+            feats = self.feature_fn(model, torch.cat(views))
+            feats = feats.reshape(len(views), -1, feats.shape[-1]).transpose(0, 1)
+            return supcon_loss(feats, y, self.temperature, self.temperature)
+        out = model(x)
+        if y is None:
+            raise ValueError(f"GPS(loss={self.loss!r}) needs targets, but the selection batches carry none")
+        return F.cross_entropy(out, y) if self.loss == "ce" else self.loss(out, y)
+
+    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        params = dict(model.named_parameters())
+        wanted = set(selectable)
+        saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
+        was_training = model.training
+        device = model_device(model)
+        grads: dict[str, torch.Tensor] = {}
+        try:
+            for n, p in params.items():
+                p.requires_grad_(n in wanted)
+                p.grad = None
+            model.train(self.train_mode)
+            for x, y in iter_batches(batches, device, self.max_batches):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda"):
+                    loss = self.batch_loss(model, x, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"GPS: the selection loss is {loss.item()}; check the inputs and the loss")
+                loss.backward()
+            for n in selectable:
+                g = params[n].grad
+                grads[n] = torch.zeros_like(params[n]) if g is None else g.abs_()
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(saved[n][0])
+                p.grad = saved[n][1]
+            model.train(was_training)
+        return iter(grads.items())

@@ -1,0 +1,59 @@
+"""Choosing rules shared by every selector: scores in, trainable entries out.
+
+Ties are broken towards the lower index (a stable sort), so the same scores always give the same
+entries, on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from medseg_peft.selection.selection import FLAT, ROWS, Entries, row_view_shape
+
+
+def check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive integer (entries per output row), got {k!r}")
+    return k
+
+
+def topk_per_row(score: torch.Tensor, k: int, name: str = "parameter") -> Entries:
+    """The ``k`` highest-scoring columns of every output row (conv kernels flattened to ``[out, in*kh*kw]``)."""
+    check_k(k)
+    rows, cols = row_view_shape(tuple(score.shape))
+    if k > cols:
+        raise ValueError(f"k={k} is larger than the {cols} entries per row of {name} {tuple(score.shape)}")
+    s = score.detach().reshape(rows, cols).float()
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return Entries(ROWS, tuple(score.shape), torch.sort(order, dim=1).values)
+
+
+def global_top(scores: Mapping[str, torch.Tensor], n: int) -> dict[str, Entries]:
+    """The ``n`` highest-scoring entries over all given tensors together, as flat index sets.
+
+    Tensors with no chosen entry are left out of the result.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"the global budget must be a positive integer, got {n!r}")
+    total = sum(s.numel() for s in scores.values())
+    if n > total:
+        raise ValueError(f"budget {n} is larger than the {total} eligible entries")
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
+    # Threshold at the n-th largest score; take everything above it and, among scores equal to it,
+    # the lowest positions in (name order, flat index) until n is reached.
+    threshold = torch.kthvalue(flat, total - n + 1).values
+    above = flat > threshold
+    need = n - int(above.sum())
+    equal = torch.nonzero(flat == threshold).flatten()[:need]
+    keep = above
+    keep[equal] = True
+    out: dict[str, Entries] = {}
+    start = 0
+    for name, s in scores.items():
+        idx = torch.nonzero(keep[start : start + s.numel()]).flatten()
+        start += s.numel()
+        if idx.numel():
+            out[name] = Entries(FLAT, tuple(s.shape), idx)
+    return out

@@ -1,0 +1,242 @@
+"""The one data type between "which weights" and "train them".
+
+A :class:`Selection` names, per parameter, the entries that will be trained. It knows nothing of how
+the entries were scored (that is a selector's job) nor of how they are trained (that is
+``medseg_peft.tuning``), so both sides can change independently and a selection can be saved,
+inspected and re-applied to a fresh copy of the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from medseg_peft.io import atomic_save_safetensors
+
+ROWS = "rows"  # per output row, K column indices: index [rows, K] over the weight viewed as [rows, -1]
+FLAT = "flat"  # a set of flat indices into the parameter
+WHOLE = "whole"  # the whole tensor is trainable
+LAYOUTS = (ROWS, FLAT, WHOLE)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Entries:
+    """The trainable entries of one parameter.
+
+    ``index`` is ``[rows, K]`` column indices for ``rows`` (sorted per row, unique), a sorted 1-D
+    tensor of unique flat indices for ``flat``, and ``None`` for ``whole``. Indices are kept as int64
+    in memory (what scatter / gather want) and shrunk to the smallest integer type on disk.
+    """
+
+    layout: str
+    shape: tuple[int, ...]
+    index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        if self.layout == WHOLE:
+            if self.index is not None:
+                raise ValueError("a 'whole' entry takes no index")
+            return
+        if self.index is None:
+            raise ValueError(f"a {self.layout!r} entry needs an index tensor")
+        object.__setattr__(self, "index", self.index.to(torch.long).cpu().contiguous())
+        if self.layout == ROWS:
+            rows, cols = row_view_shape(self.shape)
+            if self.index.ndim != 2 or self.index.shape[0] != rows:
+                raise ValueError(
+                    f"a 'rows' index for shape {self.shape} must be [{rows}, K], got {tuple(self.index.shape)}"
+                )
+            bound = cols
+        else:
+            if self.index.ndim != 1:
+                raise ValueError(f"a 'flat' index must be 1-D, got shape {tuple(self.index.shape)}")
+            bound = _numel(self.shape)
+        if self.index.numel() and (int(self.index.min()) < 0 or int(self.index.max()) >= bound):
+            raise ValueError(f"index out of range [0, {bound}) for a parameter of shape {self.shape}")
+
+    @property
+    def count(self) -> int:
+        """Number of trainable scalars."""
+        return _numel(self.shape) if self.layout == WHOLE else self.index.numel()
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    @property
+    def k(self) -> int | None:
+        return self.index.shape[1] if self.layout == ROWS else None
+
+    def mask(self) -> torch.Tensor:
+        """Boolean tensor of the parameter's shape, True where trainable."""
+        if self.layout == WHOLE:
+            return torch.ones(self.shape, dtype=torch.bool)
+        if self.layout == ROWS:
+            m = torch.zeros(row_view_shape(self.shape), dtype=torch.bool)
+            m.scatter_(1, self.index, True)
+            return m.view(self.shape)
+        m = torch.zeros(self.numel, dtype=torch.bool)
+        m[self.index] = True
+        return m.view(self.shape)
+
+    def describe(self) -> str:
+        if self.layout == ROWS:
+            return f"top-{self.k}/row"
+        return "sparse" if self.layout == FLAT else "whole"
+
+
+def row_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``[out, in*kh*kw...]``: the matrix whose rows are output neurons (conv kernels flattened)."""
+    if len(shape) < 2:
+        raise ValueError(f"per-row selection needs a parameter with >= 2 dims, got shape {tuple(shape)}")
+    return shape[0], _numel(shape[1:])
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+@dataclass
+class Selection:
+    """Per parameter name, which entries are trainable; plus what produced them.
+
+    ``total_params`` is the parameter count of the whole model the selection was made on, so that
+    the tuned fraction can be reported without the model at hand.
+    """
+
+    entries: dict[str, Entries]
+    total_params: int
+    method: str = "manual"
+    hparams: dict = field(default_factory=dict)
+
+    # ---- counting -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __getitem__(self, name: str) -> Entries:
+        return self.entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(e.count for e in self.entries.values())
+
+    @property
+    def fraction(self) -> float:
+        """Trainable scalars over all parameters of the model."""
+        return self.num_trainable / max(self.total_params, 1)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{param_name: bool mask of the parameter's shape}`` for every parameter with trainable entries."""
+        return {name: e.mask() for name, e in self.entries.items()}
+
+    # ---- display --------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A per-parameter table and the totals, for logs."""
+        head = ("parameter", "shape", "mode", "trainable", "of", "%")
+        rows = [
+            (name, "x".join(map(str, e.shape)), e.describe(), f"{e.count:,}", f"{e.numel:,}", f"{100 * e.count / max(e.numel, 1):.2f}")
+            for name, e in self.entries.items()
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines = [f"Selection by {self.method} {json.dumps(self.hparams, sort_keys=True)}", fmt(head), fmt(["-" * w for w in widths])]
+        lines += [fmt(r) for r in rows]
+        lines.append(
+            f"trainable {self.num_trainable:,} of {self.total_params:,} parameters "
+            f"({100 * self.fraction:.3f} %) in {len(self.entries)} tensors"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return f"Selection(method={self.method!r}, tensors={len(self.entries)}, trainable={self.num_trainable}, fraction={self.fraction:.5f})"
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def check_model(self, params: Mapping[str, torch.Tensor], what: str = "the model") -> None:
+        """Raise if the selection names a parameter ``params`` lacks or one of another shape."""
+        missing = [n for n in self.entries if n not in params]
+        if missing:
+            raise KeyError(
+                f"selection names {len(missing)} parameter(s) that {what} does not have, e.g. {missing[:5]}; "
+                f"was it made on another model (or a wrapped one, whose names carry a prefix)?"
+            )
+        wrong = [
+            f"{n}: selection {e.shape} vs model {tuple(params[n].shape)}"
+            for n, e in self.entries.items()
+            if tuple(params[n].shape) != e.shape
+        ]
+        if wrong:
+            raise ValueError(f"selection and {what} disagree on parameter shapes: {wrong[:5]}")
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.safetensors`` file: index tensors, plus the layout, method and hyperparameters as JSON metadata."""
+        tensors = {f"{n}.index": smallest_int(e.index) for n, e in self.entries.items() if e.index is not None}
+        meta = {
+            "format": "medseg_peft.selection",
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "hparams": self.hparams,
+            "total_params": self.total_params,
+            "entries": {n: {"layout": e.layout, "shape": list(e.shape)} for n, e in self.entries.items()},
+        }
+        return atomic_save_safetensors(tensors, path, {"medseg_peft": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Selection":
+        meta, tensors = read_safetensors_with_meta(path, expected_format="medseg_peft.selection")
+        entries = {
+            n: Entries(d["layout"], tuple(d["shape"]), tensors.get(f"{n}.index"))
+            for n, d in meta["entries"].items()
+        }
+        return cls(entries, int(meta["total_params"]), meta.get("method", "manual"), meta.get("hparams", {}))
+
+
+def smallest_int(index: torch.Tensor) -> torch.Tensor:
+    """Store an index in the narrowest signed integer type that holds its largest value."""
+    top = int(index.max()) if index.numel() else 0
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if top <= torch.iinfo(dtype).max:
+            return index.to(dtype).contiguous()
+    return index.to(torch.int64).contiguous()
+
+
+def read_safetensors_with_meta(path: str | Path, expected_format: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a file written by this package; raise a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("medseg_peft")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    if raw is None:
+        raise ValueError(f"{path}: a safetensors file without medseg_peft metadata; expected a {expected_format} file")
+    meta = json.loads(raw)
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path}: holds a {meta.get('format')!r}, expected a {expected_format!r} file")
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {meta['version']} is newer than this medseg_peft ({FORMAT_VERSION})")
+    return meta, tensors

@@ -1,0 +1,7 @@
+"""Tuning: trainable index + value deltas over frozen weights; attach, merge, unmerge, save, load."""
+
+from medseg_peft.tuning.attach import attach, detach, is_attached, merge, trainable_parameters, tuning_state, unmerge
+from medseg_peft.tuning.checkpoint import load_delta, save_delta
+from medseg_peft.tuning.delta import Delta
+
+__all__ = ["Delta", "attach", "detach", "is_attached", "load_delta", "merge", "save_delta", "trainable_parameters", "tuning_state", "unmerge"]

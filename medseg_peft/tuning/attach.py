@@ -1,0 +1,142 @@
+"""Attach a Selection's deltas to a model, train them, fold them in and take them out again.
+
+Life cycle (the same for every selection method)::
+
+    attach(model, selection)   # base frozen and untouched, deltas trainable
+    ... train: optimizer over trainable_parameters(model) ...
+    merge(model)               # plain model, deltas folded into the weights, no extra modules
+    unmerge(model)             # base weights back bit for bit, deltas attached again
+
+The bookkeeping lives in one plain attribute on the model (``model.medseg_peft``), which is neither a
+module, a parameter nor a hook, so a merged model's ``state_dict`` and forward are exactly those of
+the plain network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from medseg_peft.selection.selection import Selection
+from medseg_peft.tuning.delta import Delta
+
+STATE_ATTR = "medseg_peft"
+
+
+@dataclass
+class TuningState:
+    """What ``attach`` did to a model, so that it can be merged, unmerged and saved."""
+
+    selection: Selection
+    deltas: dict[str, Delta]
+    requires_grad: dict[str, bool]  # the flags the model had before attach
+    merged: bool = False
+    base_values: dict[str, torch.Tensor] = field(default_factory=dict)  # base entries while merged
+
+
+def tuning_state(model: nn.Module) -> TuningState:
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, TuningState):
+        raise ValueError(f"this {type(model).__name__} has no attached deltas: call a selector or medseg_peft.attach(model, selection) first")
+    return state
+
+
+def is_attached(model: nn.Module) -> bool:
+    return isinstance(getattr(model, STATE_ATTR, None), TuningState)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, tensor_name = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), tensor_name
+
+
+def _check_untied(model: nn.Module, selection: Selection) -> None:
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = seen.setdefault(id(p), name)
+        if first != name and (first in selection or name in selection):
+            raise NotImplementedError(f"parameters {first!r} and {name!r} are one tied tensor; tuning tied weights is not supported")
+
+
+def attach(model: nn.Module, selection: Selection) -> nn.Module:
+    """Freeze every parameter of ``model`` and attach a trainable delta for each selected tensor.
+
+    Returns the same model object, changed in place. Only the deltas require grad afterwards.
+    """
+    if is_attached(model):
+        raise ValueError("model already has attached deltas; merge() and use a fresh base model, or load_delta() onto the base")
+    params = dict(model.named_parameters())
+    selection.check_model(params)
+    _check_untied(model, selection)
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(False)
+    deltas: dict[str, Delta] = {}
+    for name, entries in selection.entries.items():
+        module, tensor_name = _owner(model, name)
+        delta = Delta(entries, device=params[name].device)
+        parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
+        deltas[name] = delta
+    setattr(model, STATE_ATTR, TuningState(selection, deltas, flags))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should see: the delta values (in selection order)."""
+    return [d.values for d in tuning_state(model).deltas.values()]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the deltas into the weights in place; the result is the plain network, no parametrizations.
+
+    The base values at the tuned entries are kept aside (for tuned tensors only), so that
+    ``unmerge`` can restore the base exactly rather than by subtraction.
+    """
+    state = tuning_state(model)
+    if state.merged:
+        return model
+    with torch.no_grad():
+        for name, delta in state.deltas.items():
+            module, tensor_name = _owner(model, name)
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+            weight = getattr(module, tensor_name)
+            state.base_values[name] = delta.gather(weight.detach()).clone()
+            delta.add_to(weight.data, out=weight.data)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    state.merged = True
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge``: restore the base entries bit for bit and attach the same deltas again."""
+    state = tuning_state(model)
+    if not state.merged:
+        return model
+    with torch.no_grad():
+        for name, delta in state.deltas.items():
+            module, tensor_name = _owner(model, name)
+            delta.put(getattr(module, tensor_name).data, state.base_values.pop(name))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, delta in state.deltas.items():
+        module, tensor_name = _owner(model, name)
+        parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
+    state.merged = False
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Drop the deltas (attached or merged) and give back the untouched base model."""
+    state = tuning_state(model)
+    unmerge(model)
+    for name in state.deltas:
+        module, tensor_name = _owner(model, name)
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    delattr(model, STATE_ATTR)
+    return model
