@@ -1,0 +1,77 @@
+"""Tiny models shared by the tests: a timm ViT and a segment-anything SAM with small widths."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+
+def tiny_vit(num_classes: int = 5, seed: int = 0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes)
+
+
+class TinySam(nn.Module):
+    """A prompt-free SAM of the real classes, small enough for a CPU test."""
+
+    def __init__(self, size: int = 64):
+        super().__init__()
+        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+        self.image_encoder = ImageEncoderViT(
+            img_size=size, patch_size=16, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4, out_chans=32,
+            qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=2, global_attn_indexes=(1,),
+        )
+        self.prompt_encoder = PromptEncoder(embed_dim=32, image_embedding_size=(size // 16, size // 16), input_image_size=(size, size), mask_in_chans=4)
+        self.mask_decoder = MaskDecoder(
+            num_multimask_outputs=3, transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
+            transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=32,
+        )
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.image_encoder(x)
+        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
+        masks = [
+            self.mask_decoder(image_embeddings=e[None], image_pe=self.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                              dense_prompt_embeddings=dense, multimask_output=False)[0]
+            for e in emb
+        ]
+        return nn.functional.interpolate(torch.cat(masks), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def tiny_sam(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinySam()
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
+
+
+@pytest.fixture
+def vit_batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(2)]
+
+
+@pytest.fixture
+def sam():
+    return tiny_sam()
+
+
+@pytest.fixture
+def sam_batches():
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(2):
+        x = torch.randn(2, 3, 64, 64, generator=g)
+        y = (torch.rand(2, 1, 64, 64, generator=g) > 0.7).float()
+        out.append({"image": x, "label": y})
+    return out
