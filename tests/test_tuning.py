@@ -163,3 +163,45 @@ def test_selection_file_reattaches_the_same_entries(vit, vit_batches, tmp_path):
     back = mp.Selection.load(sel.save(tmp_path / "sel.safetensors"))
     mp.attach(vit, back)
     assert sum(p.numel() for p in mp.trainable_parameters(vit)) == sel.num_trainable
+
+
+def _grads(model, x, y):
+    for p in mp.trainable_parameters(model):
+        p.grad = None
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in mp.trainable_parameters(model)]
+
+
+def test_lean_linear_path_matches_plain_autograd(vit, vit_batches):
+    from medseg_peft.tuning.delta import delta_linear_forward
+
+    model = mp.FPS(k=3)(vit, vit_batches)
+    qkv = model.blocks[0].attn.qkv
+    assert type(qkv).forward is delta_linear_forward
+    assert torch.nn.Linear.forward is not delta_linear_forward  # only the generated subclass changed
+    with torch.no_grad():
+        for p in mp.trainable_parameters(model):
+            p.normal_(0, 0.02)  # non-zero deltas, so the effective weight matters
+    x, y = vit_batches[0]
+    x = x.clone().requires_grad_(True)
+    lean = _grads(model, x, y)
+    lean_x = x.grad.clone()
+    x.grad = None
+    linears = [m for m in model.modules() if type(m).forward is delta_linear_forward]
+    for m in linears:
+        del type(m).forward  # fall back to nn.Linear.forward through the parametrization
+    plain = _grads(model, x, y)
+    assert len(lean) == len(plain)
+    for a, b in zip(lean, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lean_x, x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_training_step_under_bf16_autocast(vit, vit_batches):
+    model = mp.FPS(k=1)(vit, vit_batches)
+    x, y = vit_batches[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = [p.grad for p in mp.trainable_parameters(model)]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

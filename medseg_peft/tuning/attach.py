@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from medseg_peft.selection.selection import Selection
-from medseg_peft.tuning.delta import Delta
+from medseg_peft.tuning.delta import Delta, delta_linear_forward
 
 STATE_ATTR = "medseg_peft"
 
@@ -53,6 +53,17 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), tensor_name
 
 
+def _register(module: nn.Module, tensor_name: str, delta: Delta) -> None:
+    """Parametrize ``module.<tensor_name>`` by ``delta``; a plain Linear's weight also gets the lean forward.
+
+    ``register_parametrization`` gives each module its own generated subclass, so setting ``forward``
+    on that class changes this module only, and ``remove_parametrizations`` drops it with the class.
+    """
+    parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
+    if tensor_name == "weight" and parametrize.type_before_parametrizations(module) is nn.Linear:
+        type(module).forward = delta_linear_forward
+
+
 def _check_untied(model: nn.Module, selection: Selection) -> None:
     seen: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -78,7 +89,7 @@ def attach(model: nn.Module, selection: Selection) -> nn.Module:
     for name, entries in selection.entries.items():
         module, tensor_name = _owner(model, name)
         delta = Delta(entries, device=params[name].device)
-        parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
+        _register(module, tensor_name, delta)
         deltas[name] = delta
     setattr(model, STATE_ATTR, TuningState(selection, deltas, flags))
     return model
@@ -124,7 +135,7 @@ def unmerge(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     for name, delta in state.deltas.items():
         module, tensor_name = _owner(model, name)
-        parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
+        _register(module, tensor_name, delta)
     state.merged = False
     return model
 

@@ -13,7 +13,9 @@ sparsities (``../shared/research/peers.md`` section 4.2).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from medseg_peft.selection.selection import FLAT, ROWS, WHOLE, Entries, row_view_shape
 
@@ -97,4 +99,47 @@ class Delta(nn.Module):
         return f"layout={self.layout}, shape={self.shape}, trainable={self.values.numel()}"
 
 
-__all__ = ["Delta", "FLAT", "ROWS", "WHOLE"]
+class _DeltaLinear(torch.autograd.Function):
+    """``F.linear(x, base + delta, bias)`` that saves neither the effective weight nor its gradient.
+
+    Through the parametrization alone, autograd would keep one effective-weight copy per layer
+    alive until backward (F.linear saves its weight input), which a frozen layer does not cost. Here
+    the backward rebuilds the effective weight instead, and the dense weight gradient lives only
+    long enough to be gathered at the selected entries.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, values, bias, delta: Delta):
+        device = x.device.type
+        ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.delta = delta
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x if ctx.cast is None else x.to(ctx.cast), base, values)
+        return F.linear(x, delta.add_to(base, values), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, base, values = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.delta.add_to(base, values).to(grad.dtype)
+            gx = (g2 @ w).reshape(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            dense = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            gv = ctx.delta.gather(dense).to(values.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = g2.sum(0)
+        return gx, None, gv, gb, None
+
+
+def delta_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Forward of an ``nn.Linear`` whose weight is parametrized by one :class:`Delta`."""
+    chain = self.parametrizations["weight"]
+    if len(chain) != 1 or not isinstance(chain[0], Delta) or parametrize._cache_enabled:
+        return nn.Linear.forward(self, x)
+    return _DeltaLinear.apply(x, chain.original, chain[0].values, self.bias, chain[0])
+
+
+__all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward"]
