@@ -96,13 +96,17 @@ class Selector:
                 entries[name] = chosen[name]
         return Selection(entries, total, self.method, self.hparams())
 
-    def __call__(self, model: nn.Module, batches: Iterable) -> nn.Module:
-        """Select on ``batches``, attach the deltas and return ``model`` ready to train."""
+    def apply(self, model: nn.Module, selection: Selection) -> nn.Module:
+        """Make ``selection`` trainable on ``model``: attach its deltas (a method may train otherwise)."""
         from medseg_peft.tuning.attach import attach
 
+        return attach(model, selection)
+
+    def __call__(self, model: nn.Module, batches: Iterable) -> nn.Module:
+        """Select on ``batches``, make the selection trainable and return ``model`` ready to train."""
         selection = self.select(model, batches)
         log.info("%s", selection.summary())
-        return attach(model, selection)
+        return self.apply(model, selection)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())

@@ -96,8 +96,14 @@ def attach(model: nn.Module, selection: Selection) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should see: the delta values (in selection order)."""
-    return [d.values for d in tuning_state(model).deltas.values()]
+    """The parameters an optimizer should see: the delta values (in selection order).
+
+    On a model without deltas (full fine-tuning, or plain ``requires_grad`` flags) these are the
+    parameters that require grad, so a training loop needs no case for either.
+    """
+    if is_attached(model):
+        return [d.values for d in tuning_state(model).deltas.values()]
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -1,0 +1,100 @@
+"""The run's outcome, kept on disk as it happens: zero-shot and per-validation metrics, best delta.
+
+``RunReport`` attaches to the evaluator. The first validation (run before the first training
+iteration) is the zero-shot score of the pre-trained model; each later one is compared with the best
+so far, and an improvement rewrites the best result file (a delta checkpoint, or the full weights for
+full fine-tuning). ``metrics.json`` is rewritten atomically after every validation, so an interrupted
+run keeps everything it measured, and a resumed run continues the same history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from medseg_peft.tuning import is_attached, tuning_state
+from medseg_peft.workflows.tuned_state import save_tuned
+
+log = logging.getLogger("medseg_peft")
+
+BEST_FILE = "best_delta.safetensors"
+METRICS_FILE = "metrics.json"
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class RunReport:
+    """Records validation metrics per epoch, keeps the best result file, prints before / after."""
+
+    def __init__(self, output_dir: str | Path, network: nn.Module, trainer: Engine, key_metric: str = "mDice", method: str = "", settings: dict | None = None):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.network = network
+        self.trainer = trainer
+        self.key = key_metric
+        self.path = self.dir / METRICS_FILE
+        self.started = time.perf_counter()
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data = {
+            "method": method,
+            "settings": settings or {},
+            "zero_shot": previous.get("zero_shot"),
+            "history": previous.get("history", []),
+            "best": previous.get("best"),
+            "seconds": previous.get("seconds", 0.0),
+        }
+        self._seconds_before = self.data["seconds"]
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.on_validation)
+        self.trainer.add_event_handler(Events.COMPLETED, self.on_training_done)
+
+    def tuned_fraction(self) -> tuple[int, float]:
+        if is_attached(self.network):
+            sel = tuning_state(self.network).selection
+            return sel.num_trainable, sel.fraction
+        total = sum(p.numel() for p in self.network.parameters())
+        trainable = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
+        return trainable, trainable / max(total, 1)
+
+    def on_validation(self, evaluator: Engine) -> None:
+        metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float)) or torch.is_tensor(v)}
+        epoch = int(self.trainer.state.epoch or 0)
+        entry = {"epoch": epoch, **metrics}
+        self.data["history"].append(entry)
+        if self.data["zero_shot"] is None and epoch == 0:
+            self.data["zero_shot"] = entry
+            log.info("zero-shot (before tuning): %s", _fmt(metrics))
+        elif self.data["best"] is None or metrics.get(self.key, float("-inf")) > self.data["best"].get(self.key, float("-inf")):
+            self.data["best"] = entry
+            save_tuned(self.network, self.dir / BEST_FILE)
+            log.info("epoch %d: new best %s, saved %s", epoch, _fmt(metrics), self.dir / BEST_FILE)
+        trainable, fraction = self.tuned_fraction()
+        self.data.update(trainable=trainable, tuned_percent=100 * fraction)
+        self.data["seconds"] = self._seconds_before + time.perf_counter() - self.started
+        _write_json(self.data, self.path)
+
+    def on_training_done(self, trainer: Engine) -> None:
+        zero, best = self.data["zero_shot"] or {}, self.data["best"] or {}
+        lines = [
+            f"method {self.data['method']}: tuned {self.data.get('trainable', 0):,} parameters ({self.data.get('tuned_percent', 0):.3f} %)",
+            f"  before tuning (zero-shot): {_fmt({k: v for k, v in zero.items() if k != 'epoch'})}",
+            f"  after tuning (best, epoch {best.get('epoch', '-')}): {_fmt({k: v for k, v in best.items() if k != 'epoch'})}",
+            f"  wall time {self.data['seconds']:.0f} s; results in {self.dir}",
+        ]
+        print("\n".join(lines), flush=True)
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "n/a"

@@ -1,0 +1,84 @@
+"""What a training checkpoint and a result file hold: only the part of the network that trains.
+
+A resumable checkpoint of a sparse run must not carry the frozen base (360 MB for SAM ViT-B every
+epoch); it needs the delta values, the optimizer, the scheduler and the engine state. The selection
+itself is written once, beside the checkpoints, so a resumed run re-attaches exactly the same entries
+instead of selecting again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from medseg_peft.io import atomic_save_safetensors
+from medseg_peft.selection.base import Selector
+from medseg_peft.selection.selection import Selection
+from medseg_peft.tuning import is_attached, save_delta, tuning_state
+
+log = logging.getLogger("medseg_peft")
+
+SELECTION_FILE = "selection.safetensors"
+
+
+class TunedState:
+    """``state_dict`` / ``load_state_dict`` over the trainable part: delta values, or all weights for full FT."""
+
+    def __init__(self, network: nn.Module):
+        self.network = network
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if is_attached(self.network):
+            return {name: d.values.detach() for name, d in tuning_state(self.network).deltas.items()}
+        return self.network.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        if not is_attached(self.network):
+            self.network.load_state_dict(state, strict=strict)
+            return
+        deltas = tuning_state(self.network).deltas
+        if set(state) != set(deltas):
+            raise ValueError(
+                f"checkpoint holds deltas for {len(state)} tensors, the attached selection has {len(deltas)}; "
+                "it belongs to another run (delete the output folder or pick another output_dir)"
+            )
+        with torch.no_grad():
+            for name, values in state.items():
+                deltas[name].values.copy_(values)
+
+
+def select_or_resume(method: Selector, network: nn.Module, batches: Iterable, output_dir: str | Path, max_batches: int | None = None) -> nn.Module:
+    """Select on the first ``max_batches`` batches and attach; or re-attach the selection a previous run saved.
+
+    The selection is saved to ``output_dir/selection.safetensors`` before training starts, so an
+    interrupted run resumes with the very same entries (GPS / FPS scores depend on the batches seen).
+    """
+    path = Path(output_dir) / SELECTION_FILE
+    if path.is_file():
+        selection = Selection.load(path)
+        if selection.method != method.method:
+            raise ValueError(f"{path} was made by {selection.method!r}, this run uses {method.method!r}; pick another output_dir")
+        log.info("resuming with the selection saved in %s", path)
+    else:
+        start = time.perf_counter()
+        selection = method.select(network, islice(batches, max_batches))
+        log.info("selection by %s took %.1f s", method.method, time.perf_counter() - start)
+        selection.save(path)
+    log.info("\n%s", selection.summary())
+    return method.apply(network, selection)
+
+
+def save_tuned(network: nn.Module, path: str | Path) -> Path:
+    """The result file: a delta checkpoint for a selection method, the whole state_dict for full FT."""
+    if is_attached(network):
+        return save_delta(network, path)
+    return atomic_save_safetensors(network.state_dict(), path, {"medseg_peft": '{"format": "full_state_dict"}'})
+
+
+__all__ = ["SELECTION_FILE", "TunedState", "save_tuned", "select_or_resume"]
