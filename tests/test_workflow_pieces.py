@@ -1,0 +1,81 @@
+"""Workflow pieces the bundles use: metrics, schedule, resumable tuned state."""
+
+import math
+
+import pytest
+import torch
+
+import medseg_peft as mp
+from medseg_peft.workflows import TunedState, per_image_scores, select_or_resume, warmup_cosine
+
+
+def _mask(rows):
+    return torch.tensor(rows, dtype=torch.float32)[None]
+
+
+def test_metrics_match_hand_computed_values():
+    gt = torch.stack([
+        _mask([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),  # 4 px
+        _mask([[0] * 4] * 4),  # empty, predicted empty -> 1
+        _mask([[0] * 4] * 4),  # empty, predicted non-empty -> 0
+        _mask([[1, 0, 0, 0], [0] * 4, [0] * 4, [0] * 4]),  # missed entirely -> 0
+    ])
+    pred = torch.stack([
+        _mask([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),  # TP 3, FP 1, FN 1
+        _mask([[0] * 4] * 4),
+        _mask([[0, 0, 0, 1], [0] * 4, [0] * 4, [0] * 4]),
+        _mask([[0] * 4] * 4),
+    ])
+    s = per_image_scores(pred, gt)
+    torch.testing.assert_close(s["dice"], torch.tensor([2 * 3 / (4 + 4), 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(s["iou"], torch.tensor([3 / 5, 1.0, 0.0, 0.0]))
+    # mDice / mIoU: the mean over images
+    assert math.isclose(float(s["dice"].mean()), (0.75 + 1) / 4)
+    assert math.isclose(float(s["iou"].mean()), (0.6 + 1) / 4, rel_tol=1e-6)
+
+
+def test_warmup_cosine_shape():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=20, min_ratio=0.0)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[3] < lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.05
+
+
+def test_select_or_resume_reattaches_the_saved_selection(vit, vit_batches, tmp_path):
+    from conftest import tiny_vit
+
+    first = select_or_resume(mp.GPS(k=2, loss="ce", seed=1), vit, vit_batches, tmp_path)
+    masks = mp.tuning.tuning_state(first).selection.masks()
+    with torch.no_grad():
+        for p in mp.trainable_parameters(first):
+            p.add_(0.01)
+    state = TunedState(first).state_dict()
+    # a second run with another seed would select differently; resuming must not select again
+    again = select_or_resume(mp.GPS(k=2, loss="ce", seed=99), tiny_vit(), vit_batches[:1], tmp_path)
+    again_masks = mp.tuning.tuning_state(again).selection.masks()
+    assert masks.keys() == again_masks.keys() and all(torch.equal(masks[n], again_masks[n]) for n in masks)
+    TunedState(again).load_state_dict(state)
+    x = vit_batches[0][0]
+    first.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.equal(first(x), again(x))
+    with pytest.raises(ValueError, match="made by 'gps'"):
+        select_or_resume(mp.FPS(k=1), tiny_vit(), vit_batches, tmp_path)
+
+
+def test_tuned_state_rejects_a_checkpoint_of_another_selection(vit, vit_batches):
+    model = mp.FPS(k=1)(vit, vit_batches)
+    with pytest.raises(ValueError, match="another run"):
+        TunedState(model).load_state_dict({"nope": torch.zeros(1)})
+
+
+def test_full_method_trains_everything(vit, vit_batches):
+    model = mp.Full()(vit, vit_batches)
+    assert all(p.requires_grad for p in model.parameters())
+    assert len(mp.trainable_parameters(model)) == len(list(model.parameters()))
+    assert set(TunedState(model).state_dict()) == set(model.state_dict())
