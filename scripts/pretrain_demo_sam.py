@@ -84,7 +84,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        running.append(float(loss))
+        running.append(loss.item())
         if step % 100 == 0 or step == args.steps:
             entry = {"step": step, "loss": float(np.mean(running)), "seconds": round(time.perf_counter() - start, 1)}
             running = []

@@ -1,0 +1,215 @@
+"""SAM models from segment-anything's own classes: the official variants, the demo and a test size.
+
+The three official variants mirror ``segment_anything.build_sam`` exactly (same classes and
+arguments), but take the input size as a parameter: SAM's 1024 px is often more than a medical task
+or a CPU needs, so a smaller size builds a smaller position grid and a checkpoint trained at 1024 is
+resized on load (position embedding: bicubic; relative-position tables of the global-attention
+blocks: linear, as SAMed and MedSAM-style projects do). Windowed blocks keep their tables, since the
+window size does not change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    out_chans: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+
+
+SAM_VARIANTS: dict[str, SamConfig] = {
+    # Meta's checkpoints: sam_vit_b_01ec64.pth (MedSAM shares this layout), sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth
+    "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
+    # the embedded demo model: SAM's classes at CPU widths (about 1 M parameters)
+    "demo": SamConfig(96, 4, 3, (1, 3), image_size=128, patch_size=8, window_size=8, out_chans=64, decoder_depth=2,
+                      decoder_mlp_dim=256, decoder_heads=4, iou_head_depth=2, iou_head_hidden_dim=64, mask_in_chans=8),
+    # for tests
+    "tiny": SamConfig(32, 2, 2, (1,), image_size=64, window_size=2, out_chans=32, decoder_depth=1, decoder_mlp_dim=64,
+                      decoder_heads=2, iou_head_depth=2, iou_head_hidden_dim=32, mask_in_chans=4),
+}
+
+
+def variant_config(variant: str) -> SamConfig:
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; known variants: {sorted(SAM_VARIANTS)}")
+    return SAM_VARIANTS[variant]
+
+
+def _build(cfg: SamConfig, image_size: int) -> nn.Module:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    grid = image_size // cfg.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=cfg.depth, embed_dim=cfg.embed_dim, img_size=image_size, mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=cfg.num_heads, patch_size=cfg.patch_size,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
+            window_size=cfg.window_size, out_chans=cfg.out_chans,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.out_chans, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.out_chans, mlp_dim=cfg.decoder_mlp_dim,
+                                          num_heads=cfg.decoder_heads),
+            transformer_dim=cfg.out_chans, iou_head_depth=cfg.iou_head_depth, iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A SAM state_dict from ``.pth`` / ``.pt`` (raw, or nested under "model" / "state_dict") or ``.safetensors``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"SAM checkpoint {path} could not be read as a PyTorch or safetensors file: {err}") from err
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"SAM checkpoint {path} holds a {type(state).__name__}, not a state_dict of tensors")
+    if not any(k.startswith("image_encoder.") for k in state):
+        raise ValueError(f"{path} is not a SAM state_dict: no 'image_encoder.*' keys (found e.g. {list(state)[:3]})")
+    return state
+
+
+def detect_variant(state: dict[str, torch.Tensor]) -> str | None:
+    """The variant whose encoder width and depth match a state_dict, if any."""
+    width = state["image_encoder.patch_embed.proj.weight"].shape[0] if "image_encoder.patch_embed.proj.weight" in state else None
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
+    depth = max(blocks) + 1 if blocks else 0
+    for name, cfg in SAM_VARIANTS.items():
+        if (cfg.embed_dim, cfg.depth) == (width, depth):
+            return name
+    return None
+
+
+def resize_position_tables(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Interpolate ``pos_embed`` and relative-position tables of ``state`` to ``model``'s shapes."""
+    target = model.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        if key not in target or target[key].shape == value.shape:
+            continue
+        if key.endswith("pos_embed") and value.ndim == 4:  # [1, H, W, C]
+            size = target[key].shape[1:3]
+            out[key] = F.interpolate(value.permute(0, 3, 1, 2).float(), size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1).to(value.dtype)
+        elif re.search(r"rel_pos_[hw]$", key) and value.ndim == 2:  # [2 * grid - 1, head_dim]
+            length = target[key].shape[0]
+            out[key] = F.interpolate(value.t()[None].float(), size=length, mode="linear", align_corners=False)[0].t().to(value.dtype)
+    return out
+
+
+def build_sam(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None) -> nn.Module:
+    """A ``segment_anything.modeling.Sam`` of ``variant`` at ``image_size`` (default: the variant's own), with weights from ``checkpoint``."""
+    cfg = variant_config(variant)
+    size = cfg.image_size if image_size is None else int(image_size)
+    if size <= 0 or size % cfg.patch_size:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {cfg.patch_size}, got {image_size!r}")
+    model = _build(cfg, size)
+    if checkpoint is None:
+        return model
+    state = read_sam_state_dict(checkpoint)
+    found = detect_variant(state)
+    if found != variant:
+        what = f"a {found} SAM" if found else "a SAM of no known variant"
+        raise ValueError(f"SAM checkpoint {checkpoint} is {what}, but sam_variant={variant!r} was asked for")
+    result = model.load_state_dict(resize_position_tables(state, model), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"SAM checkpoint {checkpoint} does not fit the {variant} model: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+class SamSegmenter(nn.Module):
+    """Semantic segmentation with SAM: RGB in (0-255), mask logits out at the input's resolution.
+
+    Prompt-free by default: no points or boxes, so the decoder works from its learned no-prompt
+    embedding, as in GPS's polyp experiments. Box prompts (``[B, 4]`` xyxy in input pixels) are
+    optional. Each image is decoded on its own, because SAM's decoder repeats the image embeddings once
+    per prompt row and would otherwise pair every image with every prompt.
+    """
+
+    def __init__(self, sam: nn.Module, num_outputs: int = 1):
+        super().__init__()
+        if num_outputs != 1:
+            raise NotImplementedError("SamSegmenter decodes one mask per image; multi-class output is not built yet")
+        self.sam = sam
+        self.num_outputs = num_outputs
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"SamSegmenter expects RGB images [B, 3, H, W], got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        s = self.image_size
+        if (h, w) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        embeddings = self.sam.image_encoder(x)
+        if boxes is not None:
+            boxes = boxes.to(x.dtype) * torch.tensor([s / w, s / h, s / w, s / h], device=x.device, dtype=x.dtype)
+        dense_pe = self.sam.prompt_encoder.get_dense_pe()
+        masks = []
+        for i in range(embeddings.shape[0]):
+            sparse, dense = self.sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i : i + 1], masks=None)
+            low_res, _ = self.sam.mask_decoder(
+                image_embeddings=embeddings[i : i + 1], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense, multimask_output=False,
+            )
+            masks.append(low_res)
+        return F.interpolate(torch.cat(masks), size=(h, w), mode="bilinear", align_corners=False)
+
+
+def sam_segmenter(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None) -> SamSegmenter:
+    return SamSegmenter(build_sam(variant, checkpoint, image_size))
+
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_sam.safetensors"
+
+
+def demo_segmenter(image_size: int | None = None) -> SamSegmenter:
+    """The embedded demo model: SAM's architecture at demo widths, pretrained on synthetic shapes."""
+    if not DEMO_WEIGHTS.is_file():
+        raise FileNotFoundError(f"the demo weights {DEMO_WEIGHTS} are missing; reinstall medseg-peft or run scripts/pretrain_demo_sam.py")
+    return sam_segmenter("demo", DEMO_WEIGHTS, image_size)
