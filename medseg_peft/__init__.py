@@ -6,7 +6,7 @@
     medseg_peft.merge(model)                        # plain network for inference
 """
 
-from medseg_peft.selection import FPS, GPS, Full, PRESETS, Entries, Selection, Selector
+from medseg_peft.selection import FPS, GPS, METHODS, PRESETS, Entries, Full, Selection, Selector, selector
 from medseg_peft.tuning import attach, detach, load_delta, merge, save_delta, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "FPS",
     "GPS",
     "Full",
+    "METHODS",
     "PRESETS",
     "Entries",
     "Selection",
@@ -24,6 +25,7 @@ __all__ = [
     "load_delta",
     "merge",
     "save_delta",
+    "selector",
     "trainable_parameters",
     "unmerge",
 ]

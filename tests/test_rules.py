@@ -114,3 +114,11 @@ def test_selection_load_rejects_foreign_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         Selection.load(tmp_path / "junk.safetensors")
+
+
+def test_topk_with_ties_only_in_some_rows_matches_brute_force():
+    g = torch.Generator().manual_seed(5)
+    score = torch.randint(0, 4, (50, 12), generator=g).float()  # many ties at the boundary
+    score[::3] = torch.randn(17, 12, generator=g)  # some rows without ties
+    for k in (1, 2, 5):
+        assert topk_per_row(score, k).index.tolist() == brute_topk_rows(score, k)
