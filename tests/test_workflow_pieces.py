@@ -79,3 +79,13 @@ def test_full_method_trains_everything(vit, vit_batches):
     assert all(p.requires_grad for p in model.parameters())
     assert len(mp.trainable_parameters(model)) == len(list(model.parameters()))
     assert set(TunedState(model).state_dict()) == set(model.state_dict())
+
+
+def test_selector_by_name_takes_only_the_settings_it_understands():
+    settings = dict(k=3, loss="ce", seed=5)
+    fps, gps, full = (mp.selector(name, **settings) for name in ("fps", "GPS", "full"))
+    assert isinstance(fps, mp.FPS) and fps.k == 3 and fps.seed == 5
+    assert isinstance(gps, mp.GPS) and gps.loss == "ce"
+    assert isinstance(full, mp.Full) and full.seed == 5
+    with pytest.raises(ValueError, match="unknown method 'lora'; known methods"):
+        mp.selector("lora")

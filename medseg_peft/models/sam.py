@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,12 @@ class SamSegmenter(nn.Module):
         if boxes is not None:
             boxes = boxes.to(x.dtype) * torch.tensor([s / w, s / h, s / w, s / h], device=x.device, dtype=x.dtype)
         dense_pe = self.sam.prompt_encoder.get_dense_pe()
+        # tuned decoder weights are parametrized; compute them once per batch, not once per image
+        with parametrize.cached():
+            masks = self._decode_each(embeddings, dense_pe, boxes)
+        return F.interpolate(torch.cat(masks), size=(h, w), mode="bilinear", align_corners=False)
+
+    def _decode_each(self, embeddings: torch.Tensor, dense_pe: torch.Tensor, boxes: torch.Tensor | None) -> list[torch.Tensor]:
         masks = []
         for i in range(embeddings.shape[0]):
             sparse, dense = self.sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i : i + 1], masks=None)
@@ -198,7 +205,7 @@ class SamSegmenter(nn.Module):
                 dense_prompt_embeddings=dense, multimask_output=False,
             )
             masks.append(low_res)
-        return F.interpolate(torch.cat(masks), size=(h, w), mode="bilinear", align_corners=False)
+        return masks
 
 
 def sam_segmenter(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None) -> SamSegmenter:

@@ -21,8 +21,8 @@ class Full(Selector):
 
     method = "full"
 
-    def __init__(self, **kwargs):
-        super().__init__(1, **kwargs)
+    def __init__(self, *, seed: int | None = 0):
+        super().__init__(1, seed=seed)
 
     def hparams(self) -> dict:
         return {}

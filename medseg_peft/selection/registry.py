@@ -18,10 +18,15 @@ METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full}
 
 
 def _accepted(cls: type) -> set[str]:
+    """Keyword names ``cls(...)`` takes: its own, and its bases' as far as ``**kwargs`` passes them on."""
     names: set[str] = set()
     for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            names |= {p.name for p in inspect.signature(klass.__init__).parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
     return names - {"self"}
 
 
