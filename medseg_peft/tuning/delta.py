@@ -12,6 +12,8 @@ sparsities (``../shared/research/peers.md`` section 4.2).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,37 +97,53 @@ class Delta(nn.Module):
         else:
             target.view(-1).scatter_(0, self.index, values.to(target.dtype))
 
+    @contextmanager
+    def folded_into(self, base: torch.Tensor, values: torch.Tensor):
+        """Temporarily hold ``base + delta`` in ``base`` itself; the base entries are restored exactly on exit."""
+        with torch.no_grad():
+            kept = self.gather(base).clone()
+            self.add_to(base, values, out=base)
+        try:
+            yield base
+        finally:
+            with torch.no_grad():
+                self.put(base, kept)
+
     def extra_repr(self) -> str:
         return f"layout={self.layout}, shape={self.shape}, trainable={self.values.numel()}"
 
 
 class _DeltaLinear(torch.autograd.Function):
-    """``F.linear(x, base + delta, bias)`` that saves neither the effective weight nor its gradient.
+    """``F.linear(x, base + delta, bias)`` without an effective-weight copy, kept or transient.
 
     Through the parametrization alone, autograd would keep one effective-weight copy per layer
     alive until backward (F.linear saves its weight input), which a frozen layer does not cost. Here
-    the backward rebuilds the effective weight instead, and the dense weight gradient lives only
-    long enough to be gathered at the selected entries.
+    the delta is folded into the base tensor in place for the duration of the matmul (forward, and
+    again for the input gradient in backward) and the base entries are written back bit for bit right
+    after, so no weight-sized buffer is ever allocated; the dense weight gradient lives only long
+    enough to be gathered at the selected entries. The base is held on ``ctx`` rather than saved,
+    since its version counter moves with every fold (its values never do outside the fold).
     """
 
     @staticmethod
     def forward(ctx, x, base, values, bias, delta: Delta):
         device = x.device.type
         ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        ctx.delta = delta
+        ctx.delta, ctx.base = delta, base
         ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x if ctx.cast is None else x.to(ctx.cast), base, values)
-        return F.linear(x, delta.add_to(base, values), bias)
+        ctx.save_for_backward(x if ctx.cast is None else x.to(ctx.cast), values)
+        with delta.folded_into(base, values):
+            return F.linear(x, base, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, base, values = ctx.saved_tensors
+        x, values = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gv = gb = None
         if ctx.needs_input_grad[0]:
-            w = ctx.delta.add_to(base, values).to(grad.dtype)
-            gx = (g2 @ w).reshape(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+            with ctx.delta.folded_into(ctx.base, values):
+                gx = (g2 @ ctx.base.to(grad.dtype)).reshape(*grad.shape[:-1], ctx.base.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             dense = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
             gv = ctx.delta.gather(dense).to(values.dtype)
