@@ -21,7 +21,8 @@ from medseg_peft.io import atomic_save_safetensors
 ROWS = "rows"  # per output row, K column indices: index [rows, K] over the weight viewed as [rows, -1]
 FLAT = "flat"  # a set of flat indices into the parameter
 WHOLE = "whole"  # the whole tensor is trainable
-LAYOUTS = (ROWS, FLAT, WHOLE)
+LORA = "lora"  # a low-rank branch B @ A of the given rank over the weight viewed as [rows, -1]
+LAYOUTS = (ROWS, FLAT, WHOLE, LORA)
 
 FORMAT_VERSION = 1
 
@@ -31,17 +32,26 @@ class Entries:
     """The trainable entries of one parameter.
 
     ``index`` is ``[rows, K]`` column indices for ``rows`` (sorted per row, unique), a sorted 1-D
-    tensor of unique flat indices for ``flat``, and ``None`` for ``whole``. Indices are kept as int64
-    in memory (what scatter / gather want) and shrunk to the smallest integer type on disk.
+    tensor of unique flat indices for ``flat``, and ``None`` for ``whole`` and ``lora`` (which has a
+    ``rank`` instead). Indices are kept as int64 in memory (what scatter / gather want) and shrunk to
+    the smallest integer type on disk.
     """
 
     layout: str
     shape: tuple[int, ...]
     index: torch.Tensor | None = None
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        if self.layout == LORA:
+            row_view_shape(self.shape)
+            if self.index is not None or not isinstance(self.rank, int) or self.rank <= 0:
+                raise ValueError(f"a 'lora' entry takes a positive integer rank and no index, got rank={self.rank!r}")
+            return
+        if self.rank is not None:
+            raise ValueError(f"a {self.layout!r} entry takes no rank")
         if self.layout == WHOLE:
             if self.index is not None:
                 raise ValueError("a 'whole' entry takes no index")
@@ -66,6 +76,8 @@ class Entries:
     @property
     def count(self) -> int:
         """Number of trainable scalars."""
+        if self.layout == LORA:
+            return self.rank * sum(row_view_shape(self.shape))
         return _numel(self.shape) if self.layout == WHOLE else self.index.numel()
 
     @property
@@ -77,8 +89,8 @@ class Entries:
         return self.index.shape[1] if self.layout == ROWS else None
 
     def mask(self) -> torch.Tensor:
-        """Boolean tensor of the parameter's shape, True where trainable."""
-        if self.layout == WHOLE:
+        """Boolean tensor of the parameter's shape, True where trainable (a LoRA branch reaches every entry)."""
+        if self.layout in (WHOLE, LORA):
             return torch.ones(self.shape, dtype=torch.bool)
         if self.layout == ROWS:
             m = torch.zeros(row_view_shape(self.shape), dtype=torch.bool)
@@ -91,6 +103,8 @@ class Entries:
     def describe(self) -> str:
         if self.layout == ROWS:
             return f"top-{self.k}/row"
+        if self.layout == LORA:
+            return f"lora r={self.rank}"
         return "sparse" if self.layout == FLAT else "whole"
 
 
@@ -198,18 +212,27 @@ class Selection:
             "method": self.method,
             "hparams": self.hparams,
             "total_params": self.total_params,
-            "entries": {n: {"layout": e.layout, "shape": list(e.shape)} for n, e in self.entries.items()},
+            "entries": {n: entry_meta(e) for n, e in self.entries.items()},
         }
         return atomic_save_safetensors(tensors, path, {"medseg_peft": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Selection":
         meta, tensors = read_safetensors_with_meta(path, expected_format="medseg_peft.selection")
-        entries = {
-            n: Entries(d["layout"], tuple(d["shape"]), tensors.get(f"{n}.index"))
-            for n, d in meta["entries"].items()
-        }
+        entries = {n: entries_from_meta(n, d, tensors) for n, d in meta["entries"].items()}
         return cls(entries, int(meta["total_params"]), meta.get("method", "manual"), meta.get("hparams", {}))
+
+
+def entry_meta(e: Entries) -> dict:
+    """The JSON part of an entry (its index, if any, is stored as a tensor beside it)."""
+    meta = {"layout": e.layout, "shape": list(e.shape)}
+    if e.rank is not None:
+        meta["rank"] = e.rank
+    return meta
+
+
+def entries_from_meta(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> Entries:
+    return Entries(meta["layout"], tuple(meta["shape"]), tensors.get(f"{name}.index"), meta.get("rank"))
 
 
 def smallest_int(index: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from medseg_peft.selection.selection import Selection
-from medseg_peft.tuning.delta import Delta, delta_linear_forward
+from medseg_peft.tuning.delta import Delta, delta_linear_forward, make_delta
 
 STATE_ATTR = "medseg_peft"
 
@@ -31,10 +31,11 @@ class TuningState:
     """What ``attach`` did to a model, so that it can be merged, unmerged and saved."""
 
     selection: Selection
-    deltas: dict[str, Delta]
+    deltas: dict[str, nn.Module]  # Delta or LoRADelta, one per tuned tensor
     requires_grad: dict[str, bool]  # the flags the model had before attach
     merged: bool = False
     base_values: dict[str, torch.Tensor] = field(default_factory=dict)  # base entries while merged
+    param_order: dict[str, list[str]] = field(default_factory=dict)  # per tuned module, its parameters' order
 
 
 def tuning_state(model: nn.Module) -> TuningState:
@@ -53,7 +54,18 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), tensor_name
 
 
-def _register(module: nn.Module, tensor_name: str, delta: Delta) -> None:
+def _remove(model: nn.Module, state: TuningState) -> None:
+    """Remove every parametrization and put each module's parameters back in their original order,
+    so the plain model's ``state_dict`` keys come out exactly as the base's."""
+    for name in state.deltas:
+        module, tensor_name = _owner(model, name)
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    for module_name, order in state.param_order.items():
+        module = model.get_submodule(module_name) if module_name else model
+        module._parameters = {k: module._parameters[k] for k in order}
+
+
+def _register(module: nn.Module, tensor_name: str, delta: nn.Module) -> None:
     """Parametrize ``module.<tensor_name>`` by ``delta``; a plain Linear's weight also gets the lean forward.
 
     ``register_parametrization`` gives each module its own generated subclass, so setting ``forward``
@@ -85,24 +97,28 @@ def attach(model: nn.Module, selection: Selection) -> nn.Module:
     flags = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():
         p.requires_grad_(False)
-    deltas: dict[str, Delta] = {}
+    deltas: dict[str, nn.Module] = {}
+    order = {}
+    for name in selection.entries:
+        module_name = name.rpartition(".")[0]
+        order.setdefault(module_name, list((model.get_submodule(module_name) if module_name else model)._parameters))
     for name, entries in selection.entries.items():
         module, tensor_name = _owner(model, name)
-        delta = Delta(entries, device=params[name].device)
+        delta = make_delta(entries, device=params[name].device)
         _register(module, tensor_name, delta)
         deltas[name] = delta
-    setattr(model, STATE_ATTR, TuningState(selection, deltas, flags))
+    setattr(model, STATE_ATTR, TuningState(selection, deltas, flags, param_order=order))
     return model
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should see: the delta values (in selection order).
+    """The parameters an optimizer should see: the delta values / LoRA factors (in selection order).
 
     On a model without deltas (full fine-tuning, or plain ``requires_grad`` flags) these are the
     parameters that require grad, so a training loop needs no case for either.
     """
     if is_attached(model):
-        return [d.values for d in tuning_state(model).deltas.values()]
+        return [t for d in tuning_state(model).deltas.values() for t in d.tensors().values()]
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -115,10 +131,10 @@ def merge(model: nn.Module) -> nn.Module:
     state = tuning_state(model)
     if state.merged:
         return model
+    _remove(model, state)
     with torch.no_grad():
         for name, delta in state.deltas.items():
             module, tensor_name = _owner(model, name)
-            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
             weight = getattr(module, tensor_name)
             state.base_values[name] = delta.gather(weight.detach()).clone()
             delta.add_to(weight.data, out=weight.data)
@@ -150,9 +166,7 @@ def detach(model: nn.Module) -> nn.Module:
     """Drop the deltas (attached or merged) and give back the untouched base model."""
     state = tuning_state(model)
     unmerge(model)
-    for name in state.deltas:
-        module, tensor_name = _owner(model, name)
-        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    _remove(model, state)
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
     delattr(model, STATE_ATTR)

@@ -1,7 +1,8 @@
 """Delta checkpoints: only what was tuned, a few hundred kB for a ViT-B at K=1.
 
 One ``.safetensors`` file: per tuned tensor ``<name>.values`` (float32) and ``<name>.index`` (per-row
-``[rows, K]`` or flat, in the narrowest integer type that holds it), plus JSON metadata with the
+``[rows, K]`` or flat, in the narrowest integer type that holds it), or ``<name>.lora_A`` /
+``<name>.lora_B`` for a LoRA branch, plus JSON metadata with the
 selection's layout, method and hyperparameters and a fingerprint of the base weights at the tuned
 entries, so that a delta is never silently applied to a different base model.
 """
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from medseg_peft.io import atomic_save_safetensors
-from medseg_peft.selection.selection import Entries, Selection, read_safetensors_with_meta, smallest_int
+from medseg_peft.selection.selection import Selection, entries_from_meta, entry_meta, read_safetensors_with_meta, smallest_int
 from medseg_peft.tuning.attach import _owner, attach, detach, is_attached, tuning_state
 
 DELTA_FORMAT = "medseg_peft.delta"
@@ -43,10 +44,11 @@ def save_delta(model: nn.Module, path: str | Path) -> Path:
             base_entries = state.base_values[name]
         else:
             base_entries = delta.gather(_base_tensor(model, name).detach())
-        tensors[f"{name}.values"] = delta.values.detach()
-        if delta.index is not None:
+        for key, t in delta.tensors().items():
+            tensors[f"{name}.{key}"] = t.detach()
+        if getattr(delta, "index", None) is not None:
             tensors[f"{name}.index"] = smallest_int(delta.index)
-        entries_meta[name] = {"layout": delta.layout, "shape": list(delta.shape), "base": _fingerprint(base_entries)}
+        entries_meta[name] = {**entry_meta(delta.entries), "base": _fingerprint(base_entries)}
     sel = state.selection
     meta = {
         "format": DELTA_FORMAT,
@@ -71,7 +73,7 @@ def load_delta(base_model: nn.Module, path: str | Path, check_base: bool = True)
     if is_attached(base_model):
         raise ValueError(f"{path}: load_delta needs a plain base model, this one already has attached deltas")
     meta, tensors = read_safetensors_with_meta(path, expected_format=DELTA_FORMAT)
-    entries = {n: Entries(d["layout"], tuple(d["shape"]), tensors.get(f"{n}.index")) for n, d in meta["entries"].items()}
+    entries = {n: entries_from_meta(n, d, tensors) for n, d in meta["entries"].items()}
     selection = Selection(entries, int(meta["total_params"]), meta.get("method", "manual"), meta.get("hparams", {}))
     params = dict(base_model.named_parameters())
     selection.check_model(params, what=f"the base model given for {path.name}")
@@ -96,7 +98,9 @@ def _fill_values(base_model: nn.Module, path: Path, meta: dict, tensors: dict, c
                         f"{path}: the base weights of {name!r} differ from those the delta was trained on "
                         f"(fingerprint {got} vs {want}); load the same base checkpoint, or pass check_base=False"
                     )
-            stored = tensors[f"{name}.values"]
-            if tuple(stored.shape) != tuple(delta.values.shape):
-                raise ValueError(f"{path}: values of {name!r} have shape {tuple(stored.shape)}, expected {tuple(delta.values.shape)}")
-            delta.values.copy_(stored)
+            for key, target in delta.tensors().items():
+                stored = tensors.get(f"{name}.{key}")
+                if stored is None or tuple(stored.shape) != tuple(target.shape):
+                    got = None if stored is None else tuple(stored.shape)
+                    raise ValueError(f"{path}: {key} of {name!r} has shape {got}, expected {tuple(target.shape)}")
+                target.copy_(stored)

@@ -109,6 +109,10 @@ class Delta(nn.Module):
             with torch.no_grad():
                 self.put(base, kept)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a delta checkpoint stores for this tensor (besides the index)."""
+        return {"values": self.values}
+
     def extra_repr(self) -> str:
         return f"layout={self.layout}, shape={self.shape}, trainable={self.values.numel()}"
 
@@ -160,4 +164,12 @@ def delta_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _DeltaLinear.apply(x, chain.original, chain[0].values, self.bias, chain[0])
 
 
-__all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward"]
+def make_delta(entries: Entries, device: torch.device | None = None) -> nn.Module:
+    """The parametrization that trains ``entries``: sparse / whole values, or a LoRA branch."""
+    from medseg_peft.selection.selection import LORA
+    from medseg_peft.tuning.lora import LoRADelta
+
+    return LoRADelta(entries, device) if entries.layout == LORA else Delta(entries, device)
+
+
+__all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward", "make_delta"]

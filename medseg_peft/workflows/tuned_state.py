@@ -35,22 +35,23 @@ class TunedState:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if is_attached(self.network):
-            return {name: d.values.detach() for name, d in tuning_state(self.network).deltas.items()}
+            deltas = tuning_state(self.network).deltas
+            return {f"{name}.{key}": t.detach() for name, d in deltas.items() for key, t in d.tensors().items()}
         return self.network.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         if not is_attached(self.network):
             self.network.load_state_dict(state, strict=strict)
             return
-        deltas = tuning_state(self.network).deltas
-        if set(state) != set(deltas):
+        targets = {f"{name}.{key}": t for name, d in tuning_state(self.network).deltas.items() for key, t in d.tensors().items()}
+        if set(state) != set(targets):
             raise ValueError(
-                f"checkpoint holds deltas for {len(state)} tensors, the attached selection has {len(deltas)}; "
+                f"checkpoint holds {len(state)} delta tensors, the attached selection has {len(targets)}; "
                 "it belongs to another run (delete the output folder or pick another output_dir)"
             )
         with torch.no_grad():
-            for name, values in state.items():
-                deltas[name].values.copy_(values)
+            for key, values in state.items():
+                targets[key].copy_(values)
 
 
 def select_or_resume(method: Selector, network: nn.Module, batches: Iterable, output_dir: str | Path, max_batches: int | None = None) -> nn.Module:

@@ -1,0 +1,74 @@
+"""LoRA, the baseline most users already run, behind the same interface as the selection methods.
+
+Chooses nothing from data: a rank-``r`` branch on every weight whose name matches ``targets`` (by
+default the fused ``qkv`` projection of every transformer block: SAM's image encoder, or a timm
+ViT), plus the parts every method here trains whole (SAM's prompt encoder and mask decoder, a ViT's
+head). Its Selection, delta file, merge and unmerge are those of every other method, so tables compare
+selection against LoRA on equal terms.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from medseg_peft.selection.base import Selector, model_device, seeded
+from medseg_peft.selection.selection import LORA, WHOLE, Entries, Selection
+
+DEFAULT_TARGETS = r"(^|\.)blocks\.\d+\.attn\.qkv\.weight$"
+
+
+def default_whole(model: nn.Module) -> str:
+    """SAM: everything outside the image encoder; otherwise a classifier head."""
+    if any(re.search(r"(^|\.)image_encoder\.", n) for n, _ in model.named_parameters()):
+        return r"^(?!(.*\.)?image_encoder\.)"
+    return r"(^|\.)head\."
+
+
+class LoRA(Selector):
+    """Low-rank adaptation of the weights matching ``targets``.
+
+    Args:
+        rank: rank of each branch (A: kaiming-uniform, B: zero, no alpha / r factor).
+        targets: regular expression searched in parameter names; 2-D (or conv) weights only.
+        train_whole: regular expression of parameters trained whole; ``"auto"`` as described above,
+            ``None`` for none.
+        seed: seeds the A initialisation, so a run is reproducible.
+    """
+
+    method = "lora"
+
+    def __init__(self, rank: int = 4, *, targets: str = DEFAULT_TARGETS, train_whole: str | None = "auto", seed: int | None = 0):
+        super().__init__(1, seed=seed)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        self.rank = rank
+        self.targets = targets
+        self.train_whole = train_whole
+
+    def hparams(self) -> dict:
+        return {"rank": self.rank, "targets": self.targets, "train_whole": self.train_whole, "seed": self.seed}
+
+    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(())
+
+    def select(self, model: nn.Module, batches: Iterable = ()) -> Selection:
+        whole = default_whole(model) if self.train_whole == "auto" else self.train_whole
+        entries: dict[str, Entries] = {}
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and re.search(self.targets, name):
+                if self.rank > min(p.shape[0], p[0].numel()):
+                    raise ValueError(f"LoRA rank {self.rank} exceeds the smaller side of {name} {tuple(p.shape)}")
+                entries[name] = Entries(LORA, tuple(p.shape), rank=self.rank)
+            elif whole and re.search(whole, name):
+                entries[name] = Entries(WHOLE, tuple(p.shape))
+        if not any(e.layout == LORA for e in entries.values()):
+            raise ValueError(f"LoRA targets {self.targets!r} match no weight of this {type(model).__name__}")
+        return Selection(entries, sum(p.numel() for p in model.parameters()), self.method, self.hparams())
+
+    def apply(self, model: nn.Module, selection: Selection) -> nn.Module:
+        with seeded(self.seed, model_device(model)):
+            return super().apply(model, selection)
