@@ -6,7 +6,7 @@
     medseg_peft.merge(model)                        # plain network for inference
 """
 
-from medseg_peft.selection import FPS, GPS, METHODS, PRESETS, Entries, Full, Selection, Selector, selector
+from medseg_peft.selection import FPS, GPS, METHODS, LoRA, PRESETS, Entries, Full, Selection, Selector, selector
 from medseg_peft.tuning import attach, detach, load_delta, merge, save_delta, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FPS",
     "GPS",
+    "LoRA",
     "Full",
     "METHODS",
     "PRESETS",

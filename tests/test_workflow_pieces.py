@@ -82,10 +82,12 @@ def test_full_method_trains_everything(vit, vit_batches):
 
 
 def test_selector_by_name_takes_only_the_settings_it_understands():
-    settings = dict(k=3, loss="ce", seed=5)
+    settings = dict(k=3, loss="ce", rank=2, seed=5)
     fps, gps, full = (mp.selector(name, **settings) for name in ("fps", "GPS", "full"))
     assert isinstance(fps, mp.FPS) and fps.k == 3 and fps.seed == 5
     assert isinstance(gps, mp.GPS) and gps.loss == "ce"
     assert isinstance(full, mp.Full) and full.seed == 5
-    with pytest.raises(ValueError, match="unknown method 'lora'; known methods"):
-        mp.selector("lora")
+    with pytest.raises(ValueError, match="unknown method 'spt'; known methods"):
+        mp.selector("spt")
+    lora = mp.selector("lora", **settings)
+    assert isinstance(lora, mp.LoRA) and lora.rank == 2 and lora.seed == 5

@@ -13,8 +13,9 @@ from medseg_peft.selection.base import Selector
 from medseg_peft.selection.fps import FPS
 from medseg_peft.selection.full import Full
 from medseg_peft.selection.gps import GPS
+from medseg_peft.selection.lora import LoRA
 
-METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full}
+METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full, "lora": LoRA}
 
 
 def _accepted(cls: type) -> set[str]:
