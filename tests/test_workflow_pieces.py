@@ -87,7 +87,7 @@ def test_selector_by_name_takes_only_the_settings_it_understands():
     assert isinstance(fps, mp.FPS) and fps.k == 3 and fps.seed == 5
     assert isinstance(gps, mp.GPS) and gps.loss == "ce"
     assert isinstance(full, mp.Full) and full.seed == 5
-    with pytest.raises(ValueError, match="unknown method 'spt'; known methods"):
-        mp.selector("spt")
+    with pytest.raises(ValueError, match="unknown method 'adamix'; known methods"):
+        mp.selector("adamix")
     lora = mp.selector("lora", **settings)
     assert isinstance(lora, mp.LoRA) and lora.rank == 2 and lora.seed == 5

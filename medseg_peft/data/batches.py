@@ -31,7 +31,8 @@ def split_batch(batch: Any, image_key: str = "image", label_key: str = "label") 
 
 def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
+        # MONAI MetaTensors would carry their metadata into every gradient and score computed from them
+        return x.as_subclass(torch.Tensor).to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device) for v in x)
     if isinstance(x, dict):

@@ -14,8 +14,9 @@ from medseg_peft.selection.fps import FPS
 from medseg_peft.selection.full import Full
 from medseg_peft.selection.gps import GPS
 from medseg_peft.selection.lora import LoRA
+from medseg_peft.selection.spt import SPT
 
-METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full, "lora": LoRA}
+METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full, "lora": LoRA, "spt": SPT}
 
 
 def _accepted(cls: type) -> set[str]:

@@ -173,6 +173,10 @@ class Selection:
         fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         lines = [f"Selection by {self.method} {json.dumps(self.hparams, sort_keys=True)}", fmt(head), fmt(["-" * w for w in widths])]
         lines += [fmt(r) for r in rows]
+        by_layout: dict[str, int] = {}
+        for e in self.entries.values():
+            by_layout[e.layout] = by_layout.get(e.layout, 0) + e.count
+        lines.append("by layout: " + ", ".join(f"{k} {v:,}" for k, v in by_layout.items()))
         lines.append(
             f"trainable {self.num_trainable:,} of {self.total_params:,} parameters "
             f"({100 * self.fraction:.3f} %) in {len(self.entries)} tensors"
