@@ -7,7 +7,7 @@
 """
 
 from medseg_peft.selection import FPS, GPS, METHODS, SPT, LoRA, PRESETS, Entries, Full, Selection, Selector, selector
-from medseg_peft.tuning import attach, detach, load_delta, merge, save_delta, trainable_parameters, unmerge
+from medseg_peft.tuning import attach, detach, load_delta, merge, save_delta, soup, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "merge",
     "save_delta",
     "selector",
+    "soup",
     "trainable_parameters",
     "unmerge",
 ]

@@ -205,3 +205,18 @@ def test_training_step_under_bf16_autocast(vit, vit_batches):
     loss.backward()
     grads = [p.grad for p in mp.trainable_parameters(model)]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_deep_copy_merges_without_touching_the_original(vit, vit_batches):
+    model = mp.FPS(k=1)(vit, vit_batches)
+    x = vit_batches[0][0]
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    twin = copy.deepcopy(model)
+    mp.merge(twin)
+    mp.detach(copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), before) and torch.equal(twin(x), before)
+    mp.merge(model)
+    assert type(model.blocks[0].attn.qkv) is torch.nn.Linear

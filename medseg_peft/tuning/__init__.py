@@ -3,5 +3,6 @@
 from medseg_peft.tuning.attach import attach, detach, is_attached, merge, trainable_parameters, tuning_state, unmerge
 from medseg_peft.tuning.checkpoint import load_delta, save_delta
 from medseg_peft.tuning.delta import Delta
+from medseg_peft.tuning.soup import soup
 
-__all__ = ["Delta", "attach", "detach", "is_attached", "load_delta", "merge", "save_delta", "trainable_parameters", "tuning_state", "unmerge"]
+__all__ = ["Delta", "attach", "detach", "is_attached", "load_delta", "merge", "save_delta", "soup", "trainable_parameters", "tuning_state", "unmerge"]

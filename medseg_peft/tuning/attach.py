@@ -54,11 +54,27 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), tensor_name
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a generated class of its own before parametrizations are removed.
+
+    ``copy.deepcopy`` of a parametrized module shares the generated class between original and copy,
+    and removing a parametrization deletes its property from that class, which would break the
+    other copy; a private class keeps the removal local.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _remove(model: nn.Module, state: TuningState) -> None:
     """Remove every parametrization and put each module's parameters back in their original order,
     so the plain model's ``state_dict`` keys come out exactly as the base's."""
+    owners = {}
     for name in state.deltas:
         module, tensor_name = _owner(model, name)
+        if id(module) not in owners and parametrize.is_parametrized(module):
+            _own_class(module)
+        owners[id(module)] = module
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
     for module_name, order in state.param_order.items():
         module = model.get_submodule(module_name) if module_name else model
