@@ -68,3 +68,12 @@ def test_soup_bad_input(vit, vit_batches, tmp_path):
         mp.soup([a], weights=[0.5, 0.5])
     with pytest.raises(ValueError, match="at least one"):
         mp.soup([])
+
+
+def test_soup_refuses_ingredients_of_another_base(vit, vit_batches):
+    from conftest import tiny_vit
+
+    a = _tuned(vit, vit_batches, mp.FPS(k=1), seed=1, steps=1)
+    other = _tuned(tiny_vit(seed=42), vit_batches, mp.FPS(k=1), seed=1, steps=1)
+    with pytest.raises(ValueError, match="another base model"):
+        mp.soup([a, other])

@@ -102,3 +102,27 @@ def test_spt_bad_arguments():
         SPT(budget=0)
     with pytest.raises(NotImplementedError, match="adapter"):
         SPT(structured="adapter")
+
+
+def test_spt_moves_only_what_it_selected_and_unmerges_exactly(vit, vit_batches):
+    base = copy.deepcopy(vit)
+    model = SPT(budget=3000, rank=2)(vit, vit_batches)
+    sel = mp.tuning.tuning_state(model).selection
+    opt = torch.optim.AdamW(mp.trainable_parameters(model), lr=1e-2)
+    for x, y in vit_batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    mp.merge(model)
+    after, masks = dict(model.named_parameters()), sel.masks()
+    for name, p0 in base.named_parameters():
+        m = masks.get(name, torch.zeros_like(p0, dtype=torch.bool))
+        assert torch.equal(after[name][~m], p0[~m]), name
+    mp.unmerge(model)
+    mp.detach(model)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+
+
+def test_spt_budget_larger_than_the_eligible_count(vit, vit_batches):
+    with pytest.raises(ValueError, match="larger than the .* eligible entries"):
+        SPT(budget=10**7).select(vit, vit_batches)

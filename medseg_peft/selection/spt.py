@@ -170,6 +170,8 @@ class SPT(Selector):
             return decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta)[1]
 
         lo, hi = 1, flat.numel()
+        if self.budget > hi:
+            raise ValueError(f"SPT budget {self.budget:,} is larger than the {hi:,} eligible entries of this model; lower it")
         if total(hi) < self.budget:
             n_best = hi
         else:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from medseg_peft.tuning.attach import detach, is_attached, tuning_state
 from medseg_peft.tuning.checkpoint import load_delta
@@ -41,6 +42,17 @@ def _changes(item: Ingredient, base: nn.Module | None) -> tuple[dict[str, torch.
     return changes, plain
 
 
+def _check_same_base(model: nn.Module, base: nn.Module, position: int) -> None:
+    """Refuse an ingredient whose frozen base differs from the soup's base (another checkpoint)."""
+    params = dict(base.named_parameters())
+    for name in tuning_state(model).deltas:
+        module_name, _, tensor_name = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        original = module.parametrizations[tensor_name].original if parametrize.is_parametrized(module, tensor_name) else None
+        if original is not None and (name not in params or not torch.equal(original, params[name])):
+            raise ValueError(f"soup ingredient {position} was tuned on another base model ({name!r} differs); soups need one shared base")
+
+
 def soup(
     ingredients: Sequence[Ingredient],
     weights: Sequence[float] | None = None,
@@ -58,6 +70,9 @@ def soup(
         raise ValueError("soup needs at least one ingredient")
     parts = [_changes(item, base) for item in ingredients]
     base_model = base if base is not None else parts[0][1]
+    for i, item in enumerate(ingredients):
+        if isinstance(item, nn.Module):
+            _check_same_base(item, base_model, i)
     if evaluate is not None:
         if weights is not None:
             raise ValueError("a greedy soup picks its own ingredients: leave weights=None")
