@@ -73,6 +73,16 @@ def decide(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], ran
     return kinds, total
 
 
+def _ranked_top(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` highest scores (plus any tied with the k-th) in the order a full stable
+    descending sort would give them: ties go to the lower position."""
+    if k >= flat.numel():
+        return torch.sort(flat, descending=True, stable=True).indices
+    threshold = torch.topk(flat, k).values[-1]
+    candidates = torch.nonzero(flat >= threshold).flatten()
+    return candidates[torch.sort(flat[candidates], descending=True, stable=True).indices]
+
+
 class SPT(Selector):
     """Sensitivity-aware selection with a global budget and structured (LoRA) upgrades.
 
@@ -156,34 +166,43 @@ class SPT(Selector):
             model.train(was_training)
         return iter(sens.items())
 
+    def _closest_n(self, ranked_owner: torch.Tensor, names: list[str], shapes: dict) -> int:
+        """The n (within the ranked prefix) whose trained total is closest to the budget; ties to the larger n."""
+        by_tensor = torch.argsort(ranked_owner, stable=True)
+        ranks = torch.split(by_tensor, torch.bincount(ranked_owner, minlength=len(names)).tolist())
+
+        def total(n: int) -> int:  # non-decreasing in n
+            counts = [int(torch.searchsorted(r, n)) for r in ranks]
+            return decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta)[1]
+
+        lo, hi = 1, ranked_owner.numel()
+        if total(hi) < self.budget:
+            return hi
+        while lo < hi:  # smallest n with total(n) >= budget
+            mid = (lo + hi) // 2
+            if total(mid) >= self.budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo - 1 if lo > 1 and self.budget - total(lo - 1) < total(lo) - self.budget else lo
+
     def choose(self, scored: Iterator[tuple[str, torch.Tensor]]) -> dict[str, Entries]:
         scores = dict(scored)
         names = list(scores)
         shapes = {n: tuple(s.shape) for n, s in scores.items()}
         flat = torch.cat([s.reshape(-1) for s in scores.values()])
         owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([s.numel() for s in scores.values()]))
-        order = torch.sort(flat, descending=True, stable=True).indices  # ties: lower position first
-        ranked_owner = owner[order]
-
-        def total(n: int) -> int:
-            counts = torch.bincount(ranked_owner[:n], minlength=len(names)).tolist()
-            return decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta)[1]
-
-        lo, hi = 1, flat.numel()
-        if self.budget > hi:
-            raise ValueError(f"SPT budget {self.budget:,} is larger than the {hi:,} eligible entries of this model; lower it")
-        if total(hi) < self.budget:
-            n_best = hi
-        else:
-            while lo < hi:  # smallest n with total(n) >= budget; total is non-decreasing in n
-                mid = (lo + hi) // 2
-                if total(mid) >= self.budget:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            n_best = lo
-            if lo > 1 and self.budget - total(lo - 1) < total(lo) - self.budget:
-                n_best = lo - 1
+        if self.budget > flat.numel():
+            raise ValueError(f"SPT budget {self.budget:,} is larger than the {flat.numel():,} eligible entries of this model; lower it")
+        # Rank only as deep as the search needs (a full sort of a ViT-B's scores takes seconds on a
+        # CPU): the top 4 x budget entries, doubled while the budget is not reached there.
+        depth = min(flat.numel(), 4 * self.budget)
+        while True:
+            order = _ranked_top(flat, depth)
+            n_best = self._closest_n(owner[order], names, shapes)
+            if n_best < len(order) or len(order) == flat.numel():
+                break
+            depth = min(flat.numel(), 2 * depth)
         chosen_pos = order[:n_best]
         counts = torch.bincount(owner[chosen_pos], minlength=len(names)).tolist()
         kinds, _ = decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta)
