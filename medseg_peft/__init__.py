@@ -6,7 +6,7 @@
     medseg_peft.merge(model)                        # plain network for inference
 """
 
-from medseg_peft.selection import FPS, GPS, METHODS, SPT, LoRA, PRESETS, Entries, Full, Selection, Selector, selector
+from medseg_peft.selection import FPS, GPS, METHODS, SPT, LoRA, Partial, PRESETS, Entries, Full, Selection, Selector, selector
 from medseg_peft.tuning import attach, detach, load_delta, merge, save_delta, soup, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "Full",
     "METHODS",
     "PRESETS",
+    "Partial",
     "SPT",
     "Entries",
     "Selection",

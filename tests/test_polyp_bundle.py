@@ -39,7 +39,7 @@ def error_chain(err: BaseException) -> str:
     return " | ".join(parts)
 
 
-@pytest.mark.parametrize("bundle", ["polyp_fps.json", "polyp_gps.json", "polyp_full.json", "polyp_lora.json", "polyp_spt.json"])
+@pytest.mark.parametrize("bundle", ["polyp_fps.json", "polyp_gps.json", "polyp_full.json", "polyp_lora.json", "polyp_spt.json", "polyp_partial.json"])
 def test_bundle_runs_end_to_end(bundle, tmp_path):
     out = tmp_path / "run"
     wf = run_bundle(bundle, out)

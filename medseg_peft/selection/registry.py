@@ -14,9 +14,10 @@ from medseg_peft.selection.fps import FPS
 from medseg_peft.selection.full import Full
 from medseg_peft.selection.gps import GPS
 from medseg_peft.selection.lora import LoRA
+from medseg_peft.selection.partial import Partial
 from medseg_peft.selection.spt import SPT
 
-METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full, "lora": LoRA, "spt": SPT}
+METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full, "lora": LoRA, "spt": SPT, "partial": Partial}
 
 
 def _accepted(cls: type) -> set[str]:
