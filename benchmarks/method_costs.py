@@ -6,7 +6,7 @@
 Same conventions as ``selection_costs.py`` (one process, same model and batches, interleaved repeats,
 median after a warm-up): SPT's selection (squared gradients per batch + the budget search) is timed
 against GPS's (one accumulated gradient), and one AdamW step per batch of each tuned model (FPS K=1,
-SPT, LoRA r=8 on qkv, full) against the full fine-tuning step. Nothing asserts; it is a report.
+SPT, LoRA r=8 on qkv, partial "attn", full) against the full fine-tuning step. Nothing asserts; it is a report.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
         {"GPS select": lambda: mp.GPS(k=1, loss="ce").select(base, batches), "SPT select": lambda: mp.SPT(budget=args.budget).select(base, batches)},
         reps, device,
     )
-    methods = {"full": mp.Full(), "fps": mp.FPS(k=1), "spt": mp.SPT(budget=args.budget), "lora": mp.LoRA(rank=8)}
+    methods = {"full": mp.Full(), "fps": mp.FPS(k=1), "spt": mp.SPT(budget=args.budget), "lora": mp.LoRA(rank=8), "partial": mp.Partial(strategy="attn")}
     models = {}
     for name, method in methods.items():
         model = method(copy.deepcopy(base), batches)
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
         trainable = sum(p.numel() for p in mp.trainable_parameters(models[name][0]))
         ratio = med[name] / med["full"]
         result[f"{name}_step_over_full_step"] = ratio
-        print(f"   train step {name:5s} {med[name] / nb:.3f} s/step, trainable {trainable:>12,}, / full {ratio:.3f}")
+        print(f"   train step {name:7s} {med[name] / nb:.3f} s/step, trainable {trainable:>12,}, / full {ratio:.3f}")
     return result
 
 
