@@ -34,6 +34,27 @@ def seeded(seed: int | None, device: torch.device):
         yield
 
 
+@contextmanager
+def gradients_for(model: nn.Module, names: Sequence[str], train_mode: bool):
+    """Only ``names`` require grad (no gradient memory for the rest), ``.grad`` cleared, the given mode;
+    the model's flags, gradients and mode are restored afterwards. Yields ``{name: parameter}``."""
+    params = dict(model.named_parameters())
+    wanted = set(names)
+    saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
+    was_training = model.training
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in wanted)
+            p.grad = None
+        model.train(train_mode)
+        yield params
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n][0])
+            p.grad = saved[n][1]
+        model.train(was_training)
+
+
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import Selector, model_device
+from medseg_peft.selection.base import Selector, gradients_for, model_device
 from medseg_peft.selection.supcon import supcon_loss
 
 LOSSES = ("supcon", "ce")
@@ -118,17 +118,9 @@ class GPS(Selector):
         return F.cross_entropy(out, y) if self.loss == "ce" else self.loss(out, y)
 
     def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        params = dict(model.named_parameters())
-        wanted = set(selectable)
-        saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
-        was_training = model.training
         device = model_device(model)
         grads: dict[str, torch.Tensor] = {}
-        try:
-            for n, p in params.items():
-                p.requires_grad_(n in wanted)
-                p.grad = None
-            model.train(self.train_mode)
+        with gradients_for(model, selectable, self.train_mode) as params:
             for x, y in iter_batches(batches, device, self.max_batches):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda"):
                     loss = self.batch_loss(model, x, y)
@@ -138,9 +130,4 @@ class GPS(Selector):
             for n in selectable:
                 g = params[n].grad
                 grads[n] = torch.zeros_like(params[n]) if g is None else g.abs_()
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(saved[n][0])
-                p.grad = saved[n][1]
-            model.train(was_training)
         return iter(grads.items())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import Selector, model_device
+from medseg_peft.selection.base import Selector, gradients_for, model_device
 from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN
 from medseg_peft.selection.selection import FLAT, LORA, WHOLE, Entries, row_view_shape
 
@@ -140,16 +140,8 @@ class SPT(Selector):
             self.eligibility = saved
 
     def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        params = dict(model.named_parameters())
-        wanted = set(selectable)
-        saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
-        was_training = model.training
-        sens = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in selectable}
-        try:
-            for n, p in params.items():
-                p.requires_grad_(n in wanted)
-                p.grad = None
-            model.train(self.train_mode)
+        with gradients_for(model, selectable, self.train_mode) as params:
+            sens = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in selectable}
             for x, y in iter_batches(batches, model_device(model), self.max_batches):
                 out = model(x)
                 if y is None:
@@ -159,11 +151,6 @@ class SPT(Selector):
                 for n, g in zip(selectable, grads):
                     if g is not None:
                         sens[n] += g.float() ** 2
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(saved[n][0])
-                p.grad = saved[n][1]
-            model.train(was_training)
         return iter(sens.items())
 
     def _closest_n(self, ranked_owner: torch.Tensor, names: list[str], shapes: dict) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from medseg_peft.selection.selection import Selection
-from medseg_peft.tuning.delta import Delta, delta_linear_forward, make_delta
+from medseg_peft.tuning.delta import delta_linear_forward, make_delta
 
 STATE_ATTR = "medseg_peft"
 
