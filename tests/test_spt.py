@@ -100,8 +100,8 @@ def test_spt_tunes_and_round_trips(vit, vit_batches, tmp_path):
 def test_spt_bad_arguments():
     with pytest.raises(ValueError, match="positive integer"):
         SPT(budget=0)
-    with pytest.raises(NotImplementedError, match="adapter"):
-        SPT(structured="adapter")
+    with pytest.raises(ValueError, match="structured must be one of"):
+        SPT(structured="prefix")
 
 
 def test_spt_moves_only_what_it_selected_and_unmerges_exactly(vit, vit_batches):
@@ -126,3 +126,36 @@ def test_spt_moves_only_what_it_selected_and_unmerges_exactly(vit, vit_batches):
 def test_spt_budget_larger_than_the_eligible_count(vit, vit_batches):
     with pytest.raises(ValueError, match="larger than the .* eligible entries"):
         SPT(budget=10**7).select(vit, vit_batches)
+
+
+def test_spt_adapters_train_save_load_and_refuse_merge(vit, vit_batches, tmp_path):
+    base = copy.deepcopy(vit)
+    spt = SPT(budget=3000, rank=2, structured="adapter")
+    model = spt(vit, vit_batches)
+    sel = mp.tuning.tuning_state(model).selection
+    adapters = [n for n, e in sel.entries.items() if e.layout == "adapter"]
+    assert adapters and all(sel[n].count == 2 * 2 * sel[n].shape[0] + 2 + sel[n].shape[0] for n in adapters)
+    x = vit_batches[0][0]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), base.eval()(x))  # up = 0: starts as the base model
+    model.train()
+    opt = torch.optim.AdamW(mp.trainable_parameters(model), lr=1e-2)
+    for xb, yb in vit_batches:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        tuned = model(x)
+    assert not torch.equal(tuned, base(x))
+    fresh = mp.load_delta(copy.deepcopy(base), mp.save_delta(model, tmp_path / "a.safetensors")).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), tuned)
+    with pytest.raises(ValueError, match="adapters are not mergeable"):
+        mp.merge(model)
+    mp.detach(model)
+    assert not any(m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+    assert list(model.state_dict()) == list(base.state_dict())

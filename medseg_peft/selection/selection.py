@@ -22,7 +22,8 @@ ROWS = "rows"  # per output row, K column indices: index [rows, K] over the weig
 FLAT = "flat"  # a set of flat indices into the parameter
 WHOLE = "whole"  # the whole tensor is trainable
 LORA = "lora"  # a low-rank branch B @ A of the given rank over the weight viewed as [rows, -1]
-LAYOUTS = (ROWS, FLAT, WHOLE, LORA)
+ADAPTER = "adapter"  # a bottleneck of the given rank on the layer's output (SPT); not mergeable
+LAYOUTS = (ROWS, FLAT, WHOLE, LORA, ADAPTER)
 
 FORMAT_VERSION = 1
 
@@ -45,10 +46,10 @@ class Entries:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
-        if self.layout == LORA:
+        if self.layout in (LORA, ADAPTER):
             row_view_shape(self.shape)
             if self.index is not None or not isinstance(self.rank, int) or self.rank <= 0:
-                raise ValueError(f"a 'lora' entry takes a positive integer rank and no index, got rank={self.rank!r}")
+                raise ValueError(f"a {self.layout!r} entry takes a positive integer rank and no index, got rank={self.rank!r}")
             return
         if self.rank is not None:
             raise ValueError(f"a {self.layout!r} entry takes no rank")
@@ -78,6 +79,9 @@ class Entries:
         """Number of trainable scalars."""
         if self.layout == LORA:
             return self.rank * sum(row_view_shape(self.shape))
+        if self.layout == ADAPTER:
+            out = row_view_shape(self.shape)[0]
+            return 2 * self.rank * out + self.rank + out
         return _numel(self.shape) if self.layout == WHOLE else self.index.numel()
 
     @property
@@ -90,7 +94,7 @@ class Entries:
 
     def mask(self) -> torch.Tensor:
         """Boolean tensor of the parameter's shape, True where trainable (a LoRA branch reaches every entry)."""
-        if self.layout in (WHOLE, LORA):
+        if self.layout in (WHOLE, LORA, ADAPTER):
             return torch.ones(self.shape, dtype=torch.bool)
         if self.layout == ROWS:
             m = torch.zeros(row_view_shape(self.shape), dtype=torch.bool)
@@ -103,8 +107,8 @@ class Entries:
     def describe(self) -> str:
         if self.layout == ROWS:
             return f"top-{self.k}/row"
-        if self.layout == LORA:
-            return f"lora r={self.rank}"
+        if self.layout in (LORA, ADAPTER):
+            return f"{self.layout} r={self.rank}"
         return "sparse" if self.layout == FLAT else "whole"
 
 

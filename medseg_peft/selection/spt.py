@@ -11,7 +11,8 @@ to the requested budget (the reference sweeps N in coarse steps; here a bisectio
 gives the closest total exactly, ties going to the larger N as the reference's ``<=`` does).
 
 Open choices, reference defaults: ``alpha=10``, ``beta=5``, ``rank=8``, train mode while scoring.
-Adapters (``structured="adapter"``) are not built yet: they are not mergeable and need their own module.
+With ``structured="adapter"`` a matrix gets a bottleneck adapter on its layer's output instead
+(cost ``2 * rank * out + rank + out``); adapters stay modules and are not mergeable.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from medseg_peft.data.batches import iter_batches
 from medseg_peft.selection.base import Selector, gradients_for, model_device
 from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN
-from medseg_peft.selection.selection import FLAT, LORA, WHOLE, Entries, row_view_shape
+from medseg_peft.selection.selection import ADAPTER, FLAT, LORA, WHOLE, Entries, row_view_shape
 
 SPT_PRESETS: dict[str, list[dict]] = {
     # reference: head / cls_token trained whole; patch_embed / pos_embed frozen; block matrices and
@@ -54,7 +55,15 @@ def lora_cost(shape: tuple[int, ...], rank: int) -> int:
     return rank * (rows + cols)
 
 
-def decide(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], rank: int, alpha: float, beta: float) -> tuple[dict[str, str], int]:
+def adapter_cost(shape: tuple[int, ...], rank: int) -> int:
+    out = row_view_shape(shape)[0]
+    return 2 * rank * out + rank + out
+
+
+STRUCTURED = {"lora": (LORA, lora_cost), "adapter": (ADAPTER, adapter_cost)}
+
+
+def decide(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], rank: int, alpha: float, beta: float, cost_fn=lora_cost) -> tuple[dict[str, str], int]:
     """Per tensor "structured" / "sparse" / "whole" / "none" for the given selected counts, and the total trained."""
     kinds: dict[str, str] = {}
     total = 0
@@ -63,7 +72,7 @@ def decide(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], ran
         if n == 0:
             kinds[name] = "none"
         elif len(shape) >= 2:
-            cost = lora_cost(shape, rank)
+            cost = cost_fn(shape, rank)
             kinds[name], add = ("structured", cost) if n >= cost / alpha else ("sparse", n)
             total += add
         else:
@@ -88,7 +97,7 @@ class SPT(Selector):
 
     Args:
         budget: total trainable count in the eligible part (sparse + structured + whole vectors).
-        structured: ``"lora"`` (``"adapter"`` is not built yet).
+        structured: ``"lora"`` (mergeable) or ``"adapter"`` (kept as a module).
         rank, alpha, beta: as in the reference (8, 10, 5).
         loss: ``"ce"`` or a callable ``(outputs, targets) -> loss`` (the task loss).
         eligibility: ``"auto"`` picks ``"spt_sam"`` for SAM models, else ``"spt_vit"``; or a rule list.
@@ -113,8 +122,8 @@ class SPT(Selector):
         super().__init__(1, eligibility=eligibility, max_batches=max_batches, seed=seed)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
             raise ValueError(f"SPT budget must be a positive integer (trainable parameters), got {budget!r}")
-        if structured != "lora":
-            raise NotImplementedError(f"SPT structured={structured!r}: only 'lora' is built so far (adapters are not)")
+        if structured not in STRUCTURED:
+            raise ValueError(f"SPT structured must be one of {sorted(STRUCTURED)}, got {structured!r}")
         if loss != "ce" and not callable(loss):
             raise ValueError(f"SPT loss must be 'ce' or a callable (outputs, targets) -> loss, got {loss!r}")
         self.budget, self.structured, self.rank, self.alpha, self.beta = budget, structured, rank, alpha, beta
@@ -160,7 +169,7 @@ class SPT(Selector):
 
         def total(n: int) -> int:  # non-decreasing in n
             counts = [int(torch.searchsorted(r, n)) for r in ranks]
-            return decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta)[1]
+            return decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta, STRUCTURED[self.structured][1])[1]
 
         lo, hi = 1, ranked_owner.numel()
         if total(hi) < self.budget:
@@ -192,7 +201,7 @@ class SPT(Selector):
             depth = min(flat.numel(), 2 * depth)
         chosen_pos = order[:n_best]
         counts = torch.bincount(owner[chosen_pos], minlength=len(names)).tolist()
-        kinds, _ = decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta)
+        kinds, _ = decide(dict(zip(names, counts)), shapes, self.rank, self.alpha, self.beta, STRUCTURED[self.structured][1])
         starts = torch.cumsum(torch.tensor([0] + [s.numel() for s in scores.values()]), 0)
         picked = torch.zeros(flat.numel(), dtype=torch.bool)
         picked[chosen_pos] = True
@@ -200,7 +209,7 @@ class SPT(Selector):
         for i, name in enumerate(names):
             kind = kinds[name]
             if kind == "structured":
-                out[name] = Entries(LORA, shapes[name], rank=self.rank)
+                out[name] = Entries(STRUCTURED[self.structured][0], shapes[name], rank=self.rank)
             elif kind == "whole":
                 out[name] = Entries(WHOLE, shapes[name])
             elif kind == "sparse":

@@ -21,9 +21,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from medseg_peft.selection.selection import Selection
+from medseg_peft.tuning.adapter import AdapterDelta
 from medseg_peft.tuning.delta import delta_linear_forward, make_delta
 
 STATE_ATTR = "medseg_peft"
+ADAPTER_CHILD = "spt_adapter"
 
 
 @dataclass
@@ -70,8 +72,13 @@ def _remove(model: nn.Module, state: TuningState) -> None:
     """Remove every parametrization and put each module's parameters back in their original order,
     so the plain model's ``state_dict`` keys come out exactly as the base's."""
     owners = {}
-    for name in state.deltas:
+    for name, delta in state.deltas.items():
         module, tensor_name = _owner(model, name)
+        if isinstance(delta, AdapterDelta):
+            for key in [k for k, h in module._forward_hooks.items() if getattr(h, "__self__", None) is delta]:
+                del module._forward_hooks[key]
+            delattr(module, ADAPTER_CHILD)
+            continue
         if id(module) not in owners and parametrize.is_parametrized(module):
             _own_class(module)
         owners[id(module)] = module
@@ -87,6 +94,12 @@ def _register(module: nn.Module, tensor_name: str, delta: nn.Module) -> None:
     ``register_parametrization`` gives each module its own generated subclass, so setting ``forward``
     on that class changes this module only, and ``remove_parametrizations`` drops it with the class.
     """
+    if isinstance(delta, AdapterDelta):
+        if type(module) is not nn.Linear or tensor_name != "weight":
+            raise ValueError(f"an adapter attaches to an nn.Linear weight, not to {type(module).__name__}.{tensor_name}")
+        module.add_module(ADAPTER_CHILD, delta)
+        module.register_forward_hook(delta.hook)
+        return
     parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
     if tensor_name == "weight" and parametrize.type_before_parametrizations(module) is nn.Linear:
         type(module).forward = delta_linear_forward
@@ -147,6 +160,9 @@ def merge(model: nn.Module) -> nn.Module:
     state = tuning_state(model)
     if state.merged:
         return model
+    adapters = [n for n, d in state.deltas.items() if isinstance(d, AdapterDelta)]
+    if adapters:
+        raise ValueError(f"adapters are not mergeable (a GELU bottleneck, not a weight change): {adapters[:3]}; keep the model attached, or use SPT with structured='lora'")
     _remove(model, state)
     with torch.no_grad():
         for name, delta in state.deltas.items():

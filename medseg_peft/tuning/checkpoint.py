@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from medseg_peft.io import atomic_save_safetensors
 from medseg_peft.selection.selection import Selection, entries_from_meta, entry_meta, read_safetensors_with_meta, smallest_int
@@ -26,7 +27,9 @@ DELTA_FORMAT = "medseg_peft.delta"
 def _base_tensor(model: nn.Module, name: str) -> torch.Tensor:
     """The untouched base tensor of ``name`` on an attached (unmerged) model."""
     module, tensor_name = _owner(model, name)
-    return module.parametrizations[tensor_name].original
+    if parametrize.is_parametrized(module, tensor_name):
+        return module.parametrizations[tensor_name].original
+    return getattr(module, tensor_name)  # adapters leave the weight itself in place
 
 
 def _fingerprint(values: torch.Tensor) -> list[float]:

@@ -165,11 +165,13 @@ def delta_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_delta(entries: Entries, device: torch.device | None = None) -> nn.Module:
-    """The parametrization that trains ``entries``: sparse / whole values, or a LoRA branch."""
-    from medseg_peft.selection.selection import LORA
+    """The module that trains ``entries``: sparse / whole values or a LoRA branch (parametrizations), or an adapter."""
+    from medseg_peft.selection.selection import ADAPTER, LORA
+    from medseg_peft.tuning.adapter import AdapterDelta
     from medseg_peft.tuning.lora import LoRADelta
 
-    return LoRADelta(entries, device) if entries.layout == LORA else Delta(entries, device)
+    kinds = {LORA: LoRADelta, ADAPTER: AdapterDelta}
+    return kinds.get(entries.layout, Delta)(entries, device)
 
 
 __all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward", "make_delta"]
