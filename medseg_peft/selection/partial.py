@@ -1,16 +1,28 @@
 """Partial fine-tuning (Ye et al., arXiv 2312.15681): whole layers trained, everything else frozen.
 
-Layers are chosen by a hand-written strategy or by the fine-tuned angle metric: fine-tune all weights
-briefly on the selection batches, measure per unit (the attention and the MLP of each block) the angle
-``arccos(cos(w_before, w_after))`` over the unit's weights, restore the model bit for bit, and keep the
-N units that turned most (``order="smallest"`` keeps the least-turned). The paper's exact eight
-strategies and probe length are not public (methods.md section 5); the names here cover its
-attention-only / FFN-only / first-half / last-half families, plus ``last_blocks:N`` and ``norm_bias``.
+Layers are chosen either by a hand-written ``strategy`` or by the paper's fine-tuned angle metric
+(``angle_top=N``): fine-tune *all* weights of a copy of the model briefly on the selection batches,
+measure per unit (the attention and the MLP of each block, separately) the angle
+``arccos(cos(w_before, w_after))`` over the unit's parameters concatenated and flattened, and keep the
+``N`` units that turned most (``order="smallest"``: the least-turned). The paper's exact eight
+strategies, the probe length and whether larger or smaller angles are preferred are not public
+(methods.md section 5); the names here cover its attention-only / FFN-only / first-half / last-half
+families, plus ``last_blocks:N``, ``norm_bias`` and free glob lists.
 
-A unit is every parameter under ``blocks.N.attn.`` or ``blocks.N.mlp.`` (timm ViT and SAM's image
-encoder alike; for SAM that includes the relative-position tables, which belong to its attention).
-With ``train_head`` the parts every method here trains whole are trained too: a classifier head, or
-SAM's prompt encoder and mask decoder.
+Units. A unit is every parameter under ``blocks.N.attn.`` or ``blocks.N.mlp.`` (found by the regex
+``(^|\\.)blocks\\.(\\d+)\\.(attn|mlp)\\.``), so the same names work on a timm ViT (``blocks.N.attn.qkv``,
+``.proj``; ``blocks.N.mlp.fc1``, ``.fc2``) and on SAM's image encoder (``...image_encoder.blocks.N.attn.qkv``,
+``.proj``, **and the relative-position tables** ``rel_pos_h`` / ``rel_pos_w``, which live in SAM's
+attention module and are trained with it; ``...mlp.lin1``, ``.lin2``). Weights and biases both belong to
+the unit; the blocks' LayerNorms (``norm1``, ``norm2``) and layer-scale gammas do not (they are in
+``last_blocks:N`` and, norms, in ``norm_bias``).
+
+Always trained (``train_head=True``, the default, as GPS does): a classifier's ``head.*``, or, for a
+model with an ``image_encoder``, everything outside the image encoder (SAM's prompt encoder and
+mask decoder). ``train_head=False`` trains exactly the strategy's parameters.
+
+The selection holds only whole-tensor entries, so it attaches, saves, merges and soups like every
+other method's.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import fnmatch
 import logging
 import math
 import re
+from itertools import islice
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -27,76 +40,135 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import Selector, model_device
+from medseg_peft.selection.base import Selector, model_device, seeded
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 log = logging.getLogger("medseg_peft")
 
 UNIT = re.compile(r"(^|\.)blocks\.(\d+)\.(attn|mlp)\.")
+BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
+ENCODER = re.compile(r"(^|\.)image_encoder\.")
 STRATEGIES = ("attn", "ffn", "attn_first_half", "attn_last_half", "ffn_first_half", "ffn_last_half", "last_blocks:N", "norm_bias")
+ORDERS = ("largest", "smallest")
+_GLOB_CHARS = set("*?[")
 
 
-def units_of(model: nn.Module) -> dict[tuple[int, str], list[str]]:
-    """``{(block, "attn" | "mlp"): [parameter names]}`` in block order."""
-    units: dict[tuple[int, str], list[str]] = {}
+def units_of(model: nn.Module) -> dict[str, list[str]]:
+    """``{unit: [parameter names]}``, the unit named by its module path (``"blocks.3.attn"``,
+    ``"sam.image_encoder.blocks.3.mlp"``), in block order, attention before MLP."""
+    units: dict[str, list[str]] = {}
+    order: dict[str, tuple] = {}
     for name, _ in model.named_parameters():
         m = UNIT.search(name)
         if m:
-            units.setdefault((int(m.group(2)), m.group(3)), []).append(name)
-    return dict(sorted(units.items()))
+            unit = name[: m.end() - 1]
+            units.setdefault(unit, []).append(name)
+            order[unit] = (name[: m.start()], int(m.group(2)), m.group(3) != "attn")
+    return {u: units[u] for u in sorted(units, key=order.__getitem__)}
+
+
+def unit_block(unit: str) -> int:
+    return int(UNIT.search(unit + ".").group(2))
+
+
+def unit_kind(unit: str) -> str:
+    return UNIT.search(unit + ".").group(3)
 
 
 def always_trained(model: nn.Module) -> list[str]:
+    """What every method here trains whole: outside SAM's image encoder, or a classifier's ``head``."""
     names = [n for n, _ in model.named_parameters()]
-    if any(re.search(r"(^|\.)image_encoder\.", n) for n in names):
-        return [n for n in names if not re.search(r"(^|\.)image_encoder\.", n)]
+    if any(ENCODER.search(n) for n in names):
+        return [n for n in names if not ENCODER.search(n)]
     return [n for n in names if re.search(r"(^|\.)head\.", n)]
 
 
 def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]:
-    """The parameter names a manual strategy trains (head / decoder not included)."""
+    """The parameter names a manual strategy trains, in model order (head / decoder not included)."""
     names = [n for n, _ in model.named_parameters()]
+    if isinstance(strategy, str) and _GLOB_CHARS & set(strategy):
+        strategy = [strategy]  # one glob pattern given as a plain string (a config value)
     if not isinstance(strategy, str):
-        picked = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in strategy)]
+        globs = list(strategy)
+        if not globs or not all(isinstance(g, str) for g in globs):
+            raise ValueError(f"partial strategy must be a name or a non-empty list of glob strings, got {strategy!r}")
+        picked = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
         if not picked:
-            raise ValueError(f"partial strategy globs {list(strategy)} match no parameter (names look like {names[:3]})")
+            raise ValueError(f"partial strategy globs {globs} match no parameter (names look like {names[:3]})")
         return picked
+
     units = units_of(model)
-    blocks = sorted({b for b, _ in units})
-    half = len(blocks) // 2
-    kind = {"attn": "attn", "ffn": "mlp"}
-    if strategy in ("attn", "ffn"):
-        keep = {(b, kind[strategy]) for b in blocks}
-    elif re.fullmatch(r"(attn|ffn)_(first|last)_half", strategy):
-        part, side = strategy.split("_")[0], strategy.split("_")[1]
-        chosen = blocks[:half] if side == "first" else blocks[half:]
-        keep = {(b, kind[part]) for b in chosen}
-    elif m := re.fullmatch(r"last_blocks:(\d+)", strategy):
-        n = int(m.group(1))
-        if n <= 0 or n > len(blocks):
-            raise ValueError(f"partial strategy {strategy!r}: the model has {len(blocks)} blocks")
-        tail = set(blocks[-n:])
-        picked = [x for x in names if (m2 := re.search(r"(^|\.)blocks\.(\d+)\.", x)) and int(m2.group(2)) in tail]
-        return picked
+    blocks = sorted({unit_block(u) for u in units})
+    half = len(blocks) // 2  # an odd depth puts the middle block in the last half
+    kinds = {"attn": "attn", "ffn": "mlp"}
+    m_half = re.fullmatch(r"(attn|ffn)_(first|last)_half", strategy)
+    m_last = re.fullmatch(r"last_blocks:(\d+)", strategy)
+    if strategy in kinds:
+        keep = [u for u in units if unit_kind(u) == kinds[strategy]]
+        picked = [n for u in keep for n in units[u]]
+    elif m_half:
+        chosen = set(blocks[:half] if m_half.group(2) == "first" else blocks[half:])
+        keep = [u for u in units if unit_kind(u) == kinds[m_half.group(1)] and unit_block(u) in chosen]
+        picked = [n for u in keep for n in units[u]]
+    elif m_last:
+        n = int(m_last.group(1))
+        if not blocks:
+            picked = []
+        elif n <= 0 or n > len(blocks):
+            raise ValueError(f"partial strategy {strategy!r}: N must be in 1..{len(blocks)}; the model has {len(blocks)} blocks")
+        else:
+            tail = set(blocks[-n:])
+            picked = [x for x in names if (mb := BLOCK.search(x)) and int(mb.group(2)) in tail]
     elif strategy == "norm_bias":
-        return [n for n in names if re.search(r"norm", n) or n.endswith(".bias")]
+        picked = [n for n in names if "norm" in n or n.endswith(".bias")]
     else:
-        raise ValueError(f"unknown partial strategy {strategy!r}; known: {list(STRATEGIES)} or a list of globs")
-    picked = [x for unit in keep for x in units.get(unit, [])]
+        raise ValueError(
+            f"unknown partial strategy {strategy!r}; known: {list(STRATEGIES)} (N a number), or a list of glob patterns"
+        )
     if not picked:
-        raise ValueError(f"partial strategy {strategy!r} matches no parameter of this {type(model).__name__} (no blocks.N.attn/mlp)")
-    return picked
+        raise ValueError(
+            f"partial strategy {strategy!r} matches no parameter of this {type(model).__name__} "
+            f"(it looks for blocks.N.attn. / blocks.N.mlp. in names like {names[:3]})"
+        )
+    wanted = set(picked)
+    return [n for n in names if n in wanted]
 
 
 def angle(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
+    """``arccos`` of the cosine between two parameter sets, each concatenated and flattened (radians)."""
     a = torch.cat([t.detach().double().reshape(-1) for t in before])
     b = torch.cat([t.detach().double().reshape(-1) for t in after])
-    cos = float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30))
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return 0.0 if na == nb else math.pi / 2
+    cos = float(torch.dot(a, b)) / (na * nb)
     return math.acos(max(-1.0, min(1.0, cos)))
 
 
 class Partial(Selector):
-    """Whole layers: a manual ``strategy`` or the ``angle_top`` units that turned most in a short probe."""
+    """Partial fine-tuning: whole layers by a manual ``strategy`` or by the fine-tuned angle metric.
+
+    Args:
+        strategy: ``"attn"``, ``"ffn"``, ``"attn_first_half"``, ``"attn_last_half"``, ``"ffn_first_half"``,
+            ``"ffn_last_half"``, ``"last_blocks:N"`` (every parameter of the last N blocks),
+            ``"norm_bias"`` (every norm parameter and every bias), or a list of glob patterns matched
+            (``fnmatch``) against parameter names (one pattern may also be given as a string).
+        angle_top: instead of a strategy, the number of units (a block's attention or MLP) to train,
+            ranked by their angle after a short probe fine-tune. Give exactly one of the two.
+        order: ``"largest"`` (default) or ``"smallest"`` angles first.
+        probe_steps, probe_lr: the probe: this many Adam steps over the selection batches (cycled;
+            only the first ``probe_steps`` batches are ever read), all weights trainable, train mode.
+        loss: the probe's loss: ``"ce"`` or a callable ``(outputs, targets) -> loss`` (for SAM, the
+            segmentation loss). Only used with ``angle_top``.
+        train_head: also train the classifier head / SAM's prompt encoder and mask decoder whole.
+        max_batches: read at most this many selection batches for the probe.
+        seed: RNG seed for the probe (dropout, drop-path).
+
+    After an angle selection ``self.angles`` holds ``{unit: angle in radians}`` (the table is also logged
+    at INFO on the ``medseg_peft`` logger). The probe trains a deep copy, so the model's parameters,
+    buffers (e.g. BatchNorm statistics), ``requires_grad`` flags, gradients and train/eval mode are left
+    exactly as they were; it costs one extra model plus Adam state in memory while it runs.
+    """
 
     method = "partial"
 
@@ -115,60 +187,96 @@ class Partial(Selector):
     ):
         super().__init__(1, max_batches=max_batches, seed=seed)
         if (strategy is None) == (angle_top is None):
-            raise ValueError("Partial needs exactly one of strategy= (a name or globs) and angle_top= (a number of units)")
-        if angle_top is not None and (not isinstance(angle_top, int) or angle_top <= 0):
+            raise ValueError(
+                "Partial needs exactly one of strategy= (a strategy name or a list of globs) and angle_top= "
+                f"(a number of units to pick by the fine-tuned angle), got strategy={strategy!r}, angle_top={angle_top!r}"
+            )
+        if angle_top is not None and (isinstance(angle_top, bool) or not isinstance(angle_top, int) or angle_top <= 0):
             raise ValueError(f"angle_top must be a positive integer, got {angle_top!r}")
-        if order not in ("largest", "smallest"):
-            raise ValueError(f"order must be 'largest' or 'smallest', got {order!r}")
-        self.strategy, self.angle_top, self.order = strategy, angle_top, order
-        self.probe_steps, self.probe_lr, self.loss, self.train_head = probe_steps, probe_lr, loss, train_head
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps <= 0:
+            raise ValueError(f"probe_steps must be a positive integer, got {probe_steps!r}")
+        if not probe_lr > 0:
+            raise ValueError(f"probe_lr must be positive, got {probe_lr!r}")
+        # the loss is only used by the probe: a shared bundle pool may pass another method's loss name
+        if angle_top is not None and not callable(loss) and loss != "ce":
+            raise ValueError(f"Partial's angle probe needs loss='ce' or a callable (outputs, targets) -> loss, got {loss!r}")
+        self.strategy = strategy if strategy is None or isinstance(strategy, str) else list(strategy)
+        self.angle_top, self.order = angle_top, order
+        self.probe_steps, self.probe_lr, self.loss, self.train_head = probe_steps, float(probe_lr), loss, train_head
         self.angles: dict[str, float] = {}
 
     def hparams(self) -> dict:
-        strategy = self.strategy if isinstance(self.strategy, (str, type(None))) else list(self.strategy)
-        return {"strategy": strategy, "angle_top": self.angle_top, "order": self.order, "probe_steps": self.probe_steps,
-                "probe_lr": self.probe_lr, "train_head": self.train_head, "seed": self.seed}
+        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", type(self.loss).__name__)
+        return {"strategy": self.strategy, "angle_top": self.angle_top, "order": self.order, "probe_steps": self.probe_steps,
+                "probe_lr": self.probe_lr, "loss": loss, "train_head": self.train_head, "max_batches": self.max_batches,
+                "seed": self.seed}
 
     def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(())
+        return iter(())  # Partial chooses whole layers in select(); nothing is scored per entry
 
     def select(self, model: nn.Module, batches: Iterable = ()) -> Selection:
-        from medseg_peft.selection.base import seeded
+        from medseg_peft.tuning.attach import is_attached
 
+        if is_attached(model):
+            raise ValueError("select() needs the base model; this one already has attached deltas")
         if self.strategy is not None:
             names = strategy_names(model, self.strategy)
         else:
             with seeded(self.seed, model_device(model)):
-                names = self._angle_units(model, batches)
+                names = self.angle_units(model, batches)
+        wanted = set(names)
         if self.train_head:
-            names = names + [n for n in always_trained(model) if n not in names]
+            wanted |= set(always_trained(model))
         params = dict(model.named_parameters())
-        entries = {n: Entries(WHOLE, tuple(p.shape)) for n, p in params.items() if n in set(names)}
+        entries = {n: Entries(WHOLE, tuple(p.shape)) for n, p in params.items() if n in wanted}
         return Selection(entries, sum(p.numel() for p in params.values()), self.method, self.hparams())
 
-    def _angle_units(self, model: nn.Module, batches: Iterable) -> list[str]:
+    def probe_angles(self, model: nn.Module, batches: Iterable) -> dict[str, float]:
+        """Fine-tune a copy of ``model`` briefly; ``{unit: angle between its weights before and after}``."""
         units = units_of(model)
         if not units:
             raise ValueError(f"the angle probe finds no blocks.N.attn / blocks.N.mlp units in this {type(model).__name__}")
-        if self.angle_top > len(units):
-            raise ValueError(f"angle_top={self.angle_top} but the model has only {len(units)} units")
+        device = model_device(model)
+        limit = self.probe_steps if self.max_batches is None else min(self.probe_steps, self.max_batches)
+        data = list(islice(iter_batches(batches, device, limit), limit))
+        if any(y is None for _, y in data):
+            raise ValueError("the angle probe fine-tunes on the selection batches and needs their targets")
         probe = copy.deepcopy(model)  # the probe trains a copy: the model itself is never written
         for p in probe.parameters():
+            p.grad = None
             p.requires_grad_(True)
         opt = torch.optim.Adam(probe.parameters(), lr=self.probe_lr)
         probe.train()
-        data = list(iter_batches(batches, model_device(model), self.max_batches))
         for step in range(self.probe_steps):
             x, y = data[step % len(data)]
-            if y is None:
-                raise ValueError("the angle probe fine-tunes on the selection batches and needs their targets")
             out = probe(x)
             loss = F.cross_entropy(out, y) if self.loss == "ce" else self.loss(out, y)
-            opt.zero_grad()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"Partial angle probe: the loss is {loss.item()} at step {step}; check the inputs, loss and probe_lr")
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         before, after = dict(model.named_parameters()), dict(probe.named_parameters())
-        self.angles = {f"block {b} {kind}": angle([before[n] for n in ns], [after[n] for n in ns]) for (b, kind), ns in units.items()}
-        ranked = sorted(zip(self.angles, units.values()), key=lambda t: self.angles[t[0]], reverse=self.order == "largest")
-        log.info("fine-tuned angle per unit (degrees):\n%s", "\n".join(f"  {k:16s} {math.degrees(v):8.4f}" for k, v in self.angles.items()))
-        return [n for _, ns in ranked[: self.angle_top] for n in ns]
+        angles = {u: angle([before[n] for n in ns], [after[n] for n in ns]) for u, ns in units.items()}
+        del probe, opt
+        return angles
+
+    def angle_units(self, model: nn.Module, batches: Iterable) -> list[str]:
+        """The parameter names of the ``angle_top`` units ranked first by the probe's angles."""
+        units = units_of(model)
+        if self.angle_top > len(units):
+            raise ValueError(f"angle_top={self.angle_top} but the model has only {len(units)} units (attention and MLP per block)")
+        self.angles = self.probe_angles(model, batches)
+        ranked = sorted(units, key=self.angles.__getitem__, reverse=self.order == "largest")  # stable: ties keep model order
+        chosen = set(ranked[: self.angle_top])
+        width = max(len(u) for u in units)
+        table = "\n".join(
+            f"  {u.ljust(width)}  {math.degrees(self.angles[u]):10.5f}{'  *' if u in chosen else ''}" for u in units
+        )
+        log.info(
+            "Partial: fine-tuned angle per unit in degrees (%d probe steps, lr %g; * = the %d %s):\n%s",
+            self.probe_steps, self.probe_lr, self.angle_top, self.order, table,
+        )
+        return [n for u in units if u in chosen for n in units[u]]
