@@ -23,7 +23,7 @@ def test_segmenter_shapes_and_prompts():
     boxes = torch.tensor([[0, 0, 40, 24], [10, 10, 70, 40], [0, 0, 80, 48]], dtype=torch.float32)
     out = net(x, boxes=boxes)
     assert out.shape == (3, 1, 48, 80) and not torch.equal(out, net(x))
-    with pytest.raises(ValueError, match=r"RGB images \[B, 3, H, W\]"):
+    with pytest.raises(ValueError, match=r"images \[B, 3, H, W\]"):
         net(torch.rand(2, 1, 64, 64))
 
 

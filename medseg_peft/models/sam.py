@@ -159,64 +159,112 @@ def build_sam(variant: str = "vit_b", checkpoint: str | Path | None = None, imag
     return model
 
 
+def resize_mask_outputs(decoder: nn.Module, n: int) -> None:
+    """Give SAM's ``MaskDecoder`` exactly ``n`` multimask outputs, one per class, in place.
+
+    SAM has three multimask tokens (for the ambiguity of a click); a prompt-free semantic segmenter
+    with ``n`` classes needs ``n``, as SAMed does. The new tokens, their hypernetwork MLPs and the IoU
+    head's rows are copies of the pre-trained multimask ones taken in turn, so every class starts from
+    a trained mask token rather than from noise; tuning then pulls them apart.
+    """
+    import copy
+
+    if n < 1:
+        raise ValueError(f"a mask decoder needs at least one output, got {n}")
+    old = decoder.num_multimask_outputs
+    if n == old:
+        return
+    source = [0] + [1 + (i % old) for i in range(n)]  # token 0 stays the single-mask token
+    tokens = nn.Embedding(n + 1, decoder.mask_tokens.embedding_dim)
+    iou_last = decoder.iou_prediction_head.layers[-1]
+    iou_new = nn.Linear(iou_last.in_features, n + 1)
+    with torch.no_grad():
+        tokens.weight.copy_(decoder.mask_tokens.weight[source])
+        iou_new.weight.copy_(iou_last.weight[source])
+        iou_new.bias.copy_(iou_last.bias[source])
+    decoder.mask_tokens = tokens.to(decoder.mask_tokens.weight.device)
+    decoder.output_hypernetworks_mlps = nn.ModuleList(copy.deepcopy(decoder.output_hypernetworks_mlps[i]) for i in source)
+    decoder.iou_prediction_head.layers[-1] = iou_new.to(iou_last.weight.device)
+    decoder.num_multimask_outputs = n
+    decoder.num_mask_tokens = n + 1
+
+
 class SamSegmenter(nn.Module):
-    """Semantic segmentation with SAM: RGB in (0-255), mask logits out at the input's resolution.
+    """Semantic segmentation with SAM: an image batch in, ``num_outputs`` mask logits out at its resolution.
 
     Prompt-free by default: no points or boxes, so the decoder works from its learned no-prompt
-    embedding, as in GPS's polyp experiments. Box prompts (``[B, 4]`` xyxy in input pixels) are
-    optional. Each image is decoded on its own, because SAM's decoder repeats the image embeddings once
-    per prompt row and would otherwise pair every image with every prompt.
+    embedding, as in GPS's polyp experiments and SAMed's organ segmentation. One output uses SAM's
+    single-mask token; ``num_outputs > 1`` resizes the decoder to that many multimask tokens, one per
+    channel (classes, with or without a background channel: the caller's choice of softmax or sigmoid).
+
+    Inputs are RGB 0-255 by default (SAM's own convention). ``in_channels=1, input_scale=255`` takes
+    grey slices in [0, 1] (a CT window or MR percentile scaling) and repeats them to three channels
+    here, so the data pipeline, the inferer and an exported model all see the volume's own channel and
+    in-plane size; the resize to SAM's input size and back also happens here.
+
+    Without prompts the whole batch is decoded at once: SAM's decoder broadcasts prompt embeddings of
+    batch 1 over B images. Box prompts (``[B, 4]`` xyxy in input pixels) are decoded image by image,
+    because the decoder would otherwise pair every image with every box.
     """
 
-    def __init__(self, sam: nn.Module, num_outputs: int = 1):
+    def __init__(self, sam: nn.Module, num_outputs: int = 1, in_channels: int = 3, input_scale: float = 1.0):
         super().__init__()
-        if num_outputs != 1:
-            raise NotImplementedError("SamSegmenter decodes one mask per image; multi-class output is not built yet")
+        if in_channels not in (1, 3):
+            raise ValueError(f"SamSegmenter takes 1 (grey) or 3 (RGB) input channels, got {in_channels}")
+        if num_outputs > 1:
+            resize_mask_outputs(sam.mask_decoder, num_outputs)
         self.sam = sam
-        self.num_outputs = num_outputs
+        self.num_outputs = int(num_outputs)
+        self.in_channels = in_channels
+        self.input_scale = float(input_scale)
 
     @property
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"SamSegmenter expects RGB images [B, 3, H, W], got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SamSegmenter expects images [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         s = self.image_size
-        if (h, w) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        # always resized, even at (s, s) where it is an exact copy: no size branch, so tracing and
+        # torch.export keep the resize and the exported graph takes any slice size
+        x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
         x = (x - self.sam.pixel_mean) / self.sam.pixel_std
         embeddings = self.sam.image_encoder(x)
         if boxes is not None:
             boxes = boxes.to(x.dtype) * torch.tensor([s / w, s / h, s / w, s / h], device=x.device, dtype=x.dtype)
-        dense_pe = self.sam.prompt_encoder.get_dense_pe()
         # tuned decoder weights are parametrized; compute them once per batch, not once per image
         with parametrize.cached():
-            masks = self._decode_each(embeddings, dense_pe, boxes)
-        return F.interpolate(torch.cat(masks), size=(h, w), mode="bilinear", align_corners=False)
+            if boxes is None:
+                masks = self._decode(embeddings, None)
+            else:
+                masks = torch.cat([self._decode(embeddings[i : i + 1], boxes[i : i + 1]) for i in range(embeddings.shape[0])])
+        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
 
-    def _decode_each(self, embeddings: torch.Tensor, dense_pe: torch.Tensor, boxes: torch.Tensor | None) -> list[torch.Tensor]:
-        masks = []
-        for i in range(embeddings.shape[0]):
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i : i + 1], masks=None)
-            low_res, _ = self.sam.mask_decoder(
-                image_embeddings=embeddings[i : i + 1], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense, multimask_output=False,
-            )
-            masks.append(low_res)
-        return masks
+    def _decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        low_res, _ = self.sam.mask_decoder(
+            image_embeddings=embeddings, image_pe=self.sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=self.num_outputs > 1,
+        )
+        return low_res
 
 
-def sam_segmenter(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None) -> SamSegmenter:
-    return SamSegmenter(build_sam(variant, checkpoint, image_size))
+def sam_segmenter(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None, **wrapper) -> SamSegmenter:
+    """``build_sam`` wrapped in a ``SamSegmenter``; ``wrapper`` keys go to the segmenter (``num_outputs``, ``in_channels``, ...)."""
+    return SamSegmenter(build_sam(variant, checkpoint, image_size), **wrapper)
 
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_sam.safetensors"
 
 
-def demo_segmenter(image_size: int | None = None) -> SamSegmenter:
+def demo_segmenter(image_size: int | None = None, **wrapper) -> SamSegmenter:
     """The embedded demo model: SAM's architecture at demo widths, pretrained on synthetic shapes."""
     if not DEMO_WEIGHTS.is_file():
         raise FileNotFoundError(f"the demo weights {DEMO_WEIGHTS} are missing; reinstall medseg-peft or run scripts/pretrain_demo_sam.py")
-    return sam_segmenter("demo", DEMO_WEIGHTS, image_size)
+    return sam_segmenter("demo", DEMO_WEIGHTS, image_size, **wrapper)

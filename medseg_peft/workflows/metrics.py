@@ -37,3 +37,68 @@ def mean_dice_handler() -> IgniteMetricHandler:
 
 def mean_iou_handler() -> IgniteMetricHandler:
     return IgniteMetricHandler(metric_fn=iou_metric(), output_transform=from_engine(["pred", "label"]), save_details=False)
+
+
+# --- multi-class volumes -------------------------------------------------------------------------
+# Organ metrics follow the 3D convention (SAMed, MSD): Dice and IoU per class per *volume*, in 3D,
+# then averaged; mDice / mIoU are the mean over classes and volumes. Background is not scored. With
+# ignore_empty=False a class absent from a volume scores 1 when it is not predicted and 0 when it is.
+
+
+def label_map(logits: torch.Tensor, activation: str = "softmax", threshold: float = 0.5) -> torch.Tensor:
+    """Class values from channel-first logits (``[C, ...]``), keeping a leading channel of size 1.
+
+    ``softmax``: channel 0 is background, argmax over all channels. ``sigmoid``: one channel per
+    class, no background channel; a voxel takes the most probable class whose probability is above
+    ``threshold``, else background (a constant background logit, then argmax).
+    """
+    logits = logits.float()
+    if activation == "sigmoid":
+        background = torch.full_like(logits[:1], float(torch.logit(torch.tensor(threshold))))
+        logits = torch.cat([background, logits])
+    elif activation != "softmax":
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    return logits.argmax(0, keepdim=True).to(torch.float32)
+
+
+def class_dice_metric() -> DiceMetric:
+    return DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+
+
+def class_iou_metric() -> MeanIoU:
+    return MeanIoU(include_background=False, reduction="mean", ignore_empty=False)
+
+
+def class_dice_handler() -> IgniteMetricHandler:
+    return IgniteMetricHandler(metric_fn=class_dice_metric(), output_transform=from_engine(["pred", "label"]), save_details=True)
+
+
+def class_iou_handler() -> IgniteMetricHandler:
+    return IgniteMetricHandler(metric_fn=class_iou_metric(), output_transform=from_engine(["pred", "label"]), save_details=True)
+
+
+class PerClassScores:
+    """Adds ``Dice_<class>`` / ``IoU_<class>`` (means over volumes) to the evaluator's metrics.
+
+    Reads the per-volume, per-class buffers the metric handlers keep (``save_details``), so the class
+    means come from the very numbers mDice / mIoU average, and the run report records them.
+    """
+
+    def __init__(self, class_names: dict[int, str] | list[str], metrics: dict[str, str] | None = None):
+        names = class_names.values() if isinstance(class_names, dict) else class_names
+        self.names = [str(n) for n in names]
+        self.metrics = metrics or {"mDice": "Dice", "mIoU": "IoU"}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        details = getattr(engine.state, "metric_details", {})
+        for metric, prefix in self.metrics.items():
+            if metric not in details:
+                continue
+            per_class = torch.as_tensor(details[metric]).float().reshape(-1, len(self.names)).mean(0)
+            for name, value in zip(self.names, per_class.tolist()):
+                engine.state.metrics[f"{prefix}_{name}"] = value

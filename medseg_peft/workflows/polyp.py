@@ -52,15 +52,18 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
     return {"train": train, "val": val, "source": source}
 
 
-def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None) -> nn.Module:
-    """A prompt-free SAM segmenter: the user's checkpoint, or the embedded demo model when none is given."""
+def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None, **wrapper) -> nn.Module:
+    """A prompt-free SAM segmenter: the user's checkpoint, or the embedded demo model when none is given.
+
+    ``wrapper`` keys go to ``SamSegmenter`` (outputs, grey input), for the organ bundles.
+    """
     from medseg_peft.models import demo_segmenter, sam_segmenter
 
     if _given(sam_checkpoint):
-        net = sam_segmenter(sam_variant, sam_checkpoint, image_size if _given(image_size) else None)
+        net = sam_segmenter(sam_variant, sam_checkpoint, image_size if _given(image_size) else None, **wrapper)
         log.info("SAM %s from %s at %d px", sam_variant, sam_checkpoint, net.image_size)
         return net
-    net = demo_segmenter(image_size if _given(image_size) else None)
+    net = demo_segmenter(image_size if _given(image_size) else None, **wrapper)
     log.warning(
         "no sam_checkpoint given: using the embedded demo model (a small SAM-architecture network pretrained on "
         "synthetic shapes, not Meta's SAM) at %d px; pass --sam_checkpoint sam_vit_b_01ec64.pth for the real one",

@@ -8,6 +8,7 @@ instead of selecting again.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from itertools import islice
@@ -82,4 +83,24 @@ def save_tuned(network: nn.Module, path: str | Path) -> Path:
     return atomic_save_safetensors(network.state_dict(), path, {"medseg_peft": '{"format": "full_state_dict"}'})
 
 
-__all__ = ["SELECTION_FILE", "TunedState", "save_tuned", "select_or_resume"]
+def load_tuned(network: nn.Module, path: str | Path) -> nn.Module:
+    """Read a result file ``save_tuned`` wrote: full weights load in place; a delta checkpoint attaches its entries."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from medseg_peft.tuning import load_delta
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"result file {path} does not exist (a training run writes best_delta.safetensors in its output_dir)")
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("medseg_peft", "{}")
+    if json.loads(raw).get("format") == "full_state_dict":
+        result = network.load_state_dict(load_file(str(path)), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{path} does not fit this network: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return network
+    return load_delta(network, path)
+
+
+__all__ = ["SELECTION_FILE", "TunedState", "load_tuned", "save_tuned", "select_or_resume"]

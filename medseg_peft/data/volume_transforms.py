@@ -1,0 +1,180 @@
+"""Volume pre-processing as MONAI config: one definition for training, 3D inference and the exported bundle.
+
+A model tuned on CT windowed at WL 40 / WW 400 gives poor masks on the same CT windowed otherwise
+(MedSAM's users learnt this the hard way), so the intensity preset, orientation and resampling must be
+the same wherever the model runs. They are therefore written once, as a list of MONAI component
+configs (``_target_`` dicts): training and the inference bundle instantiate that list, and the
+export writes the very same list into the exported bundle's ``inference.json``.
+
+Axes: volumes are oriented to RAS, so arrays are (C, R, A, S) and axial slices lie along the last
+axis (``SliceInferer(spatial_dim=2)``). In-plane resampling is optional (``spacing=[sx, sy]`` in mm);
+the slice spacing is never changed, since training and inference are slice by slice.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+
+# Window presets: (lower, upper) HU mapped to [0, 1] with clipping. ct_soft_tissue is MedSAM's
+# WL 40 / WW 400 (pre_CT_MR.py); ct_abdomen is SAMed's [-125, 275] (preprocess/README.md); ct_lung is
+# the lung window MedSAM's paper quotes (WW 1500 / WL -160). mr: the 0.5-99.5 percentiles of each
+# volume, MedSAM's MR rule. minmax: each volume's own range (for modalities with no convention).
+INTENSITY_PRESETS: dict[str, dict] = {
+    "ct_soft_tissue": {"window": [-160.0, 240.0]},
+    "ct_abdomen": {"window": [-125.0, 275.0]},
+    "ct_lung": {"window": [-910.0, 590.0]},
+    "mr": {"percentiles": [0.5, 99.5]},
+    "minmax": {"minmax": True},
+}
+
+SIMPLEITK_READER = "medseg_peft.data.volume_io.SimpleITKReader"
+LABEL_WRITER = "medseg_peft.data.volume_io.SaveLabelVolumed"
+
+
+def resolve_intensity(intensity: str | Mapping | None) -> dict:
+    """A preset name, or ``{"window": [lo, hi]}``, ``{"level": L, "width": W}``, ``{"percentiles": [lo, hi]}``."""
+    if intensity is None or isinstance(intensity, str):
+        name = intensity or "minmax"
+        if name not in INTENSITY_PRESETS:
+            raise ValueError(f"unknown intensity preset {intensity!r}; presets: {sorted(INTENSITY_PRESETS)}, or a dict "
+                             "such as {'window': [-160, 240]}, {'level': 40, 'width': 400} or {'percentiles': [0.5, 99.5]}")
+        return dict(INTENSITY_PRESETS[name])
+    spec = dict(intensity)
+    if {"level", "width"} <= spec.keys():
+        level, width = float(spec["level"]), float(spec["width"])
+        if width <= 0:
+            raise ValueError(f"intensity width must be positive, got {width}")
+        return {"window": [level - width / 2, level + width / 2]}
+    for key in ("window", "percentiles"):
+        if key in spec:
+            lo, hi = (float(v) for v in spec[key])
+            if not lo < hi:
+                raise ValueError(f"intensity {key} must be [lower, upper] with lower < upper, got {spec[key]}")
+            if key == "percentiles" and not (0 <= lo and hi <= 100):
+                raise ValueError(f"intensity percentiles must lie in [0, 100], got {spec[key]}")
+            return {key: [lo, hi]}
+    if spec.get("minmax"):
+        return {"minmax": True}
+    raise ValueError(f"intensity {intensity!r} has none of the keys window, level + width, percentiles, minmax")
+
+
+def intensity_config(intensity: str | Mapping | None, key: str = "image") -> dict:
+    spec = resolve_intensity(intensity)
+    if "window" in spec:
+        lo, hi = spec["window"]
+        return {"_target_": "ScaleIntensityRanged", "keys": key, "a_min": lo, "a_max": hi, "b_min": 0.0, "b_max": 1.0, "clip": True}
+    if "percentiles" in spec:
+        lo, hi = spec["percentiles"]
+        return {"_target_": "ScaleIntensityRangePercentilesd", "keys": key, "lower": lo, "upper": hi, "b_min": 0.0, "b_max": 1.0, "clip": True}
+    return {"_target_": "ScaleIntensityd", "keys": key, "minv": 0.0, "maxv": 1.0}
+
+
+def volume_preprocessing_config(
+    keys: Sequence[str] = ("image", "label"),
+    intensity: str | Mapping | None = "ct_soft_tissue",
+    spacing: Sequence[float] | None = None,
+    channel: int | None = None,
+    reader: str = SIMPLEITK_READER,
+) -> list[dict]:
+    """The MONAI components, as config dicts, that turn a volume file into a [1, R, A, S] float tensor in [0, 1].
+
+    ``keys[0]`` is the image; a second key is a label map (nearest-neighbour resampling, no intensity).
+    ``channel`` picks one channel of a 4D image (e.g. one MR sequence of MSD BrainTumour).
+    ``reader`` is the dotted path of the SimpleITK reader (NRRD, MHA, DICOM); NIfTI goes through
+    MONAI's nibabel reader.
+    """
+    keys = list(keys)
+    image = keys[0]
+    steps: list[dict] = [
+        {"_target_": "LoadImaged", "keys": keys, "reader": [{"_target_": reader}], "image_only": False},
+        {"_target_": "EnsureChannelFirstd", "keys": keys},
+    ]
+    if channel is not None:
+        c = int(channel)
+        steps.append({"_target_": "Lambdad", "keys": image, "func": f"$lambda x: x[{c}:{c + 1}]"})
+    steps.append({"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"})
+    if spacing is not None:
+        sx, sy = (float(v) for v in spacing)
+        if sx <= 0 or sy <= 0:
+            raise ValueError(f"spacing must be two positive in-plane sizes in mm, got {list(spacing)}")
+        modes = ["bilinear" if k == image else "nearest" for k in keys]
+        steps.append({"_target_": "Spacingd", "keys": keys, "pixdim": [sx, sy, -1.0], "mode": modes})
+    steps.append(intensity_config(intensity, image))
+    steps.append({"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32"})
+    return steps
+
+
+def label_postprocessing_config(activation: str = "softmax", writer: str = LABEL_WRITER) -> list[dict]:
+    """Logits of a whole volume to a label volume file with the input's geometry (references ``@preprocessing``,
+    ``@output_dir``, ``@output_postfix``).
+
+    Probabilities are inverted to the input's grid (orientation, spacing) before the argmax, as MONAI's
+    model-zoo bundles do, so resampling interpolates probabilities rather than class values.
+    Per-class sigmoid outputs get a background channel at probability 0.5, so the argmax keeps a class
+    only where it is above 0.5, the training-time rule (``label_map``).
+    """
+    if activation == "softmax":
+        steps = [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]
+    elif activation == "sigmoid":
+        steps = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+                 {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: torch.cat([torch.full_like(x[:1], 0.5), x])"}]
+    else:
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    return steps + [
+        {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
+        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+        {"_target_": writer, "keys": "pred", "output_dir": "@output_dir", "postfix": "@output_postfix"},
+    ]
+
+
+def instantiate(configs: list[dict], **references) -> Compose:
+    """A ``Compose`` of MONAI component configs, resolved the way ``monai.bundle`` would; ``references``
+    are the objects ``@name`` refers to."""
+    parser = ConfigParser({"imports": ["$import torch"], "transforms": configs, **references})
+    return Compose(parser.get_parsed_content("transforms"))
+
+
+def label_postprocessing(activation: str, preprocessing: Compose, output_dir: str, postfix: str = "seg") -> Compose:
+    return instantiate(label_postprocessing_config(activation), preprocessing=preprocessing, output_dir=str(output_dir),
+                       output_postfix=postfix)
+
+
+def volume_preprocessing(keys: Sequence[str] = ("image", "label"), intensity: str | Mapping | None = "ct_soft_tissue",
+                         spacing: Sequence[float] | None = None, channel: int | None = None) -> Compose:
+    return instantiate(volume_preprocessing_config(keys, intensity, spacing, channel))
+
+
+def slice_sampling(num_classes: int, image_size: int, samples_per_volume: int = 8, background_ratio: float = 0.3) -> Compose:
+    """Random axial slices of a pre-processed volume pair, resized to the model's input size.
+
+    Slices are centred on voxels drawn class by class (MONAI's ``RandCropByLabelClassesd`` with a
+    crop of one slice): each organ class is drawn as often as the others however small it is, and the
+    background draws (``background_ratio`` of one class's share) land on slices with or without
+    organs, so the model also sees empty slices and learns to predict nothing there.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    ratios = [float(background_ratio)] + [1.0] * num_classes
+    return instantiate([
+        {"_target_": "RandCropByLabelClassesd", "keys": ["image", "label"], "label_key": "label", "spatial_size": [-1, -1, 1],
+         "ratios": ratios, "num_classes": num_classes + 1, "num_samples": int(samples_per_volume), "warn": False},
+        {"_target_": "SqueezeDimd", "keys": ["image", "label"], "dim": -1},
+        {"_target_": "Resized", "keys": ["image", "label"], "spatial_size": [int(image_size), int(image_size)],
+         "mode": ["bilinear", "nearest"]},
+    ])
+
+
+__all__ = [
+    "INTENSITY_PRESETS",
+    "instantiate",
+    "intensity_config",
+    "label_postprocessing",
+    "label_postprocessing_config",
+    "resolve_intensity",
+    "slice_sampling",
+    "volume_preprocessing",
+    "volume_preprocessing_config",
+]

@@ -1,0 +1,136 @@
+"""Glue the organ bundles call: volume data lists (real or the synthetic CT default), the network, the loss.
+
+As for polyps, each function turns top-level bundle keys into one object, so the JSON stays a list of
+MONAI components. Every volume pair is checked (shapes, affines, channels, label values) before the
+first training step: a mismatch found an hour into a run, or never, is worse than one found now.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+from torch import nn
+
+from medseg_peft.workflows.polyp import _given
+
+log = logging.getLogger("medseg_peft")
+
+
+def organ_data(dataset_dir: str | None = None, classes: Sequence[str] | Mapping | None = None, val_fraction: float = 0.2,
+               seed: int = 0, channel: int | None = None, synthetic_volumes: int = 12) -> dict:
+    """``{"train", "val", "test", "classes", "source"}`` for an MSD or plain folder, or the synthetic CT set.
+
+    ``classes`` (names for label values 1..N, or a value -> name mapping) overrides ``dataset.json``
+    and is required for the plain ``images/`` + ``labels/`` layout.
+    """
+    from medseg_peft.data.synthetic_organs import make_synthetic_organs
+    from medseg_peft.data.volume_folders import volume_datalists
+    from medseg_peft.data.volume_io import check_volume_pair
+
+    if _given(dataset_dir):
+        root, source = dataset_dir, str(dataset_dir)
+    else:
+        root = make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
+        source = f"synthetic CT organs ({synthetic_volumes} labelled volumes) in {root}"
+        log.info("no dataset_dir given: using %s", source)
+    data = volume_datalists(root, classes=classes if _given(classes) else None, val_fraction=val_fraction, seed=seed)
+    allowed = [0, *data["classes"]]
+    channel = int(channel) if _given(channel) else None
+    for item in data["train"] + data["val"]:
+        check_volume_pair(item["image"], item["label"], classes=allowed, channel=channel)
+    log.info("data: %d training and %d validation volumes, classes %s, from %s",
+             len(data["train"]), len(data["val"]), data["classes"], source)
+    data["source"] = source
+    return data
+
+
+def num_outputs(num_classes: int, activation: str = "softmax") -> int:
+    """Output channels: one per class, plus background for softmax."""
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    return num_classes + 1 if activation == "softmax" else num_classes
+
+
+def organ_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None,
+                  num_classes: int = 1, activation: str = "softmax") -> nn.Module:
+    """A prompt-free SAM taking grey slices in [0, 1], with one decoder output per class (and background)."""
+    from medseg_peft.workflows.polyp import polyp_network
+
+    wrapper = {"num_outputs": num_outputs(num_classes, activation), "in_channels": 1, "input_scale": 255.0}
+    return polyp_network(sam_checkpoint, sam_variant, image_size, **wrapper)
+
+
+def organ_loss(activation: str = "softmax") -> nn.Module:
+    """Dice + cross-entropy on label maps ``[B, 1, H, W]`` of class values: softmax over classes, or per-class sigmoid."""
+    from monai.losses import DiceCELoss
+
+    if activation == "softmax":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    if activation == "sigmoid":
+        return _SigmoidDiceCE()
+    raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+
+
+class _SigmoidDiceCE(nn.Module):
+    """Binary Dice + BCE per class channel; the label map becomes one-hot without its background channel."""
+
+    def __init__(self):
+        super().__init__()
+        from monai.losses import DiceCELoss
+
+        self.loss = DiceCELoss(sigmoid=True)
+
+    def forward(self, logits, label):
+        import torch.nn.functional as F
+
+        onehot = F.one_hot(label[:, 0].long(), logits.shape[1] + 1).movedim(-1, 1)[:, 1:].to(logits.dtype)
+        return self.loss(logits, onehot)
+
+
+def organ_postprocessing(num_classes: int, activation: str = "softmax"):
+    """Evaluator post-processing: logits to a label map, then prediction and label one-hot for the metrics."""
+    from functools import partial
+
+    from monai.transforms import AsDiscreted, Compose, Lambdad
+
+    from medseg_peft.workflows.metrics import label_map
+
+    return Compose([
+        Lambdad(keys="pred", func=partial(label_map, activation=activation)),
+        AsDiscreted(keys=["pred", "label"], to_onehot=[num_classes + 1, num_classes + 1]),
+    ])
+
+
+def volume_inputs(dataset_dir: str | None = None, classes: Sequence[str] | Mapping | None = None, channel: int | None = None,
+                  seed: int = 0, synthetic_volumes: int = 12) -> dict:
+    """``{"images": [...], "classes": {...}, "source"}`` for 3D inference.
+
+    ``dataset_dir`` is a volume file, a folder of volumes (NIfTI, NRRD, MHA; DICOM series as
+    subfolders) or an MSD task folder (its test images); class names come from ``classes`` or the
+    folder's ``dataset.json``. With nothing given: the synthetic CT set's test volumes.
+    """
+    import json
+    from pathlib import Path
+
+    from medseg_peft.data.synthetic_organs import make_synthetic_organs
+    from medseg_peft.data.volume_folders import class_names
+    from medseg_peft.data.volume_io import list_volumes, read_geometry
+
+    root = Path(dataset_dir).expanduser() if _given(dataset_dir) else make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
+    images = list_volumes(root)
+    if _given(classes):
+        names = class_names(classes)
+    elif (root / "dataset.json").is_file():
+        names = class_names({k: v for k, v in json.loads((root / "dataset.json").read_text()).get("labels", {}).items() if int(k) != 0})
+    else:
+        raise ValueError(f"{root} has no dataset.json to name the classes: pass the names the model was trained with, "
+                         "e.g. --classes \"['liver', 'spleen']\"")
+    channel = int(channel) if _given(channel) else None
+    for path in images:
+        geometry = read_geometry(path)
+        if geometry.channels > 1 and channel is None:
+            raise ValueError(f"{path} has {geometry.channels} channels; this pipeline segments 3D volumes: "
+                             f"pick one with --channel (0..{geometry.channels - 1})")
+    log.info("3D inference on %d volumes from %s, classes %s", len(images), root, names)
+    return {"images": [str(p) for p in images], "classes": names, "source": str(root)}
