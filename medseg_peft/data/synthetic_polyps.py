@@ -16,25 +16,16 @@ bicubically, which is also what keeps 200 images of 128 px to about a second.
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from medseg_peft.data.cache import build_once, default_cache_dir
+
 GENERATOR_VERSION = 1  # bump when the images change, so stale caches are not reused
-CACHE_ENV = "MEDSEG_PEFT_CACHE"
-DONE_MARKER = "done.json"
-
-
-def default_cache_dir() -> Path:
-    """``$MEDSEG_PEFT_CACHE`` if set, else ``~/.cache/medseg_peft``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "medseg_peft").expanduser()
 
 
 @lru_cache(maxsize=8)
@@ -272,11 +263,8 @@ def make_synthetic_polyps(cache_dir: str | Path | None = None, n_images: int = 2
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     params = {"n_images": int(n_images), "size": int(size), "seed": int(seed), "generator_version": GENERATOR_VERSION}
     target = cache_dir / synthetic_polyps_name(n_images, size, seed)
-    if (target / DONE_MARKER).is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache_dir))
-    try:
+
+    def build(tmp: Path) -> None:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         width = max(4, len(str(n_images - 1)))
@@ -287,17 +275,5 @@ def make_synthetic_polyps(cache_dir: str | Path | None = None, n_images: int = 2
             # zlib level 1: files ~15 % larger than the default level 6, written four times faster
             Image.fromarray(image).save(tmp / "images" / f"{stem}.png", compress_level=1)
             Image.fromarray(mask * 255).save(tmp / "masks" / f"{stem}.png", compress_level=1)
-        (tmp / DONE_MARKER).write_text(json.dumps(params, indent=2) + "\n")
-        if (target / DONE_MARKER).is_file():  # another process finished first: keep its copy
-            return target
-        if target.exists():  # a leftover without done.json: an earlier run died before finishing
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / DONE_MARKER).is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(target, params, build)
