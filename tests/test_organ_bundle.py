@@ -1,0 +1,97 @@
+"""The organ bundles end to end at a tiny size: synthetic CT volumes, the demo model at 64 px, train -> export -> 3D inference."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+TINY = dict(epochs=2, val_interval=1, synthetic_volumes=4, volumes_per_batch=2, slices_per_volume=4, image_size=64, select_batches=2)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MEDSEG_PEFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def workflow(name: str, run_id: str = "run", **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=str(BUNDLES / name), meta_file=str(BUNDLES / "metadata.json"),
+                        logging_file=str(BUNDLES / "logging.conf"), workflow_type=None, run_id=run_id, **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def error_chain(err: BaseException) -> str:
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)
+
+
+def test_organ_bundle_trains_exports_and_segments_volumes(tmp_path):
+    out = tmp_path / "run"
+    workflow("organ_fps.json", output_dir=str(out), **TINY)
+    metrics = json.loads((out / "metrics.json").read_text())
+    zero = metrics["zero_shot"]
+    assert zero["epoch"] == 0 and {"mDice", "mIoU", "Dice_liver", "Dice_spleen", "Dice_kidneys", "IoU_kidneys"} <= set(zero)
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]
+    assert metrics["settings"]["classes"] == {"1": "liver", "2": "spleen", "3": "kidneys"}
+    per_class = [metrics["best"][f"Dice_{c}"] for c in ("liver", "spleen", "kidneys")]
+    assert metrics["best"]["mDice"] == pytest.approx(np.mean(per_class), abs=1e-5)  # the mean of the classes
+    assert (out / "best_delta.safetensors").is_file() and (out / "selection.safetensors").is_file()
+
+    workflow("organ_fps.json", run_id="export", output_dir=str(out), **TINY)
+    bundle = out / "bundle"
+    assert {p.name for p in (bundle / "models").iterdir()} >= {"model.pt", "model.ts"}
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["3"] == "kidneys"
+
+    predictions = tmp_path / "pred"
+    wf = workflow("inference.json", run_dir=str(out), output_dir=str(predictions), image_size=64, synthetic_volumes=4)
+    images = wf.parser.get_parsed_content("inputs")["images"]
+    assert len(images) == 2  # the synthetic set's two test volumes
+    for image in images:
+        written = predictions / Path(image).name.replace(".nii.gz", "_seg.nii.gz")
+        src, seg = nib.load(image), nib.load(written)
+        assert seg.shape == src.shape and np.allclose(seg.affine, src.affine) and seg.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asanyarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset_dir": "/no/such/task"}, "/no/such/task"),
+    ({"intensity": "ct_bone"}, "unknown intensity preset 'ct_bone'"),
+    ({"activation": "relu"}, "activation must be 'softmax' or 'sigmoid'"),
+])
+def test_bad_organ_settings_stop_before_training(tmp_path, overrides, message):
+    with pytest.raises(Exception) as info:
+        workflow("organ_fps.json", output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
+    assert message in error_chain(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_mismatched_label_stops_before_training(tmp_path):
+    from medseg_peft.data import make_synthetic_organs
+
+    source = make_synthetic_organs(tmp_path / "cache", n_train=3, n_test=1)
+    task = tmp_path / "task"
+    (task / "images").mkdir(parents=True)
+    (task / "labels").mkdir()
+    for i, path in enumerate(sorted((source / "imagesTr").iterdir())):
+        img = nib.load(path)
+        nib.save(img, task / "images" / path.name)
+        label = nib.load(source / "labelsTr" / path.name)
+        affine = label.affine.copy()
+        if i == 1:
+            affine[0, 3] += 5.0  # the label was saved with another origin
+        nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj), affine), task / "labels" / path.name)
+    with pytest.raises(Exception) as info:
+        workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(task), classes=["liver", "spleen", "kidneys"], **TINY)
+    assert "organs_001.nii.gz" in error_chain(info.value) and "affine" in error_chain(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
