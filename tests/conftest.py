@@ -1,4 +1,4 @@
-"""Tiny models shared by the tests: a timm ViT and a segment-anything SAM with small widths."""
+"""Tiny models shared by the tests (a timm ViT and a segment-anything SAM with small widths) and a bundle runner."""
 
 from __future__ import annotations
 
@@ -7,6 +7,30 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
+
+
+def run_workflow(config_file, run_id: str = "run", **overrides):
+    """A MONAI bundle config run as ``python -m monai.bundle run`` would, with the repo's metadata and logging."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigWorkflow
+
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    wf = ConfigWorkflow(config_file=str(bundles / config_file), meta_file=str(bundles / "metadata.json"),
+                        logging_file=str(bundles / "logging.conf"), workflow_type=None, run_id=run_id, **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def error_chain(err: BaseException) -> str:
+    """Every message along an exception's causes: bundle errors wrap the one that names the file."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)
 
 
 def tiny_vit(num_classes: int = 5, seed: int = 0) -> nn.Module:

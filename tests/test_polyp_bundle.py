@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import medseg_peft as mp
+from conftest import error_chain, run_workflow
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 @pytest.fixture(autouse=True)
@@ -17,26 +17,9 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def run_bundle(name: str, output_dir: Path, **overrides):
-    from monai.bundle import ConfigWorkflow
-
     settings = dict(epochs=1, synthetic_images=16, batch_size=4, image_size=64, select_batches=2, num_workers=0)
     settings.update(overrides)
-    wf = ConfigWorkflow(
-        config_file=str(BUNDLES / name), meta_file=str(BUNDLES / "metadata.json"), logging_file=str(BUNDLES / "logging.conf"),
-        workflow_type="train", output_dir=str(output_dir), **settings,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
-
-
-def error_chain(err: BaseException) -> str:
-    parts = []
-    while err is not None:
-        parts.append(str(err))
-        err = err.__cause__ or err.__context__
-    return " | ".join(parts)
+    return run_workflow(name, output_dir=str(output_dir), **settings)
 
 
 @pytest.mark.parametrize("bundle", ["polyp_fps.json", "polyp_gps.json", "polyp_full.json", "polyp_lora.json", "polyp_spt.json", "polyp_partial.json"])
