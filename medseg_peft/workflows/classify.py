@@ -1,0 +1,199 @@
+"""Glue the classification bundle calls: recipe, data, transforms, network, mixup, EMA, top-1.
+
+The recipe of one of the 24 tasks (``configs/<benchmark>/<task>.yaml``) decides batch size, lr, K,
+drop-path, EMA, mixup / cutmix / smoothing and the schedule; bundle keys override single values.
+With no task, a synthetic counting task in the VTAB-1k layout and the embedded demo ViT stand in,
+so the whole path runs in minutes on a CPU.
+
+Splits, as the papers: ``split_mode="test"`` trains on train800val200 (VTAB) or train + val (FGVC) and
+evaluates on test every epoch; ``"val"`` trains on train800 / train and evaluates on val200 / val,
+for honest hyperparameter search.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medseg_peft.workflows.polyp import _given
+
+log = logging.getLogger("medseg_peft")
+
+# the embedded default: a VTAB-like recipe for the synthetic counting task at 32 px
+SYNTHETIC_RECIPE = {
+    "task": "synthetic_counting", "benchmark": "vtab", "group": "structured", "num_classes": 4, "transforms": "vtab",
+    "image_size": 32, "batch_size": 32, "lr": 2e-3, "k": 2, "drop_path": 0.0, "ema": None, "mixup": 0.0, "cutmix": 0.0,
+    "label_smoothing": 0.0, "epochs": 12, "cooldown_epochs": 0, "warmup_epochs": 1, "min_lr": 1e-6, "normalisation": "inception",
+    "published": {},
+}
+NORMALISATION = {"inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def classification_recipe(task: str | None = None, method: str = "gps", **overrides) -> dict:
+    """The effective settings: the task's GPS recipe (SPT's own for ``method="spt"``), then the given overrides."""
+    from medseg_peft.recipes import load_recipe
+
+    if not _given(task):
+        recipe = dict(SYNTHETIC_RECIPE)
+    else:
+        full = load_recipe(task)
+        recipe = {k: v for k, v in full.items() if k not in ("gps", "spt")}
+        recipe.update(full["gps"])
+        if method == "spt":
+            recipe.update({k: v for k, v in full["spt"].items() if k != "budgets"})
+        recipe.setdefault("image_size", 224)
+    recipe.update({k: v for k, v in overrides.items() if _given(v)})
+    return recipe
+
+
+def classification_data(recipe: dict, data_root: str | None = None, split_mode: str = "test", seed: int = 0) -> dict:
+    """``{"train", "eval": [{"image", "label"}], "source"}`` from the task folder under ``data_root``."""
+    from medseg_peft.data.classification_folders import fgvc_splits, vtab_split
+    from medseg_peft.data.synthetic_classes import make_synthetic_vtab
+
+    if split_mode not in ("test", "val"):
+        raise ValueError(f"split_mode must be 'test' (train on train+val, evaluate on test) or 'val', got {split_mode!r}")
+    if recipe["task"] == SYNTHETIC_RECIPE["task"]:
+        folder = make_synthetic_vtab("counting", seed=seed)
+    elif not _given(data_root):
+        raise ValueError(f"task {recipe['task']!r} needs data_root: the folder holding {recipe['folder']}/ "
+                         f"({'VTAB-1k split files' if recipe['benchmark'] == 'vtab' else 'FGVC JSON splits'})")
+    else:
+        folder = Path(data_root).expanduser() / recipe["folder"]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"task folder {folder} does not exist (data_root {data_root}, task {recipe['task']})")
+    c = recipe["num_classes"]
+    if recipe["benchmark"] == "vtab":
+        train_split, eval_split = ("train800val200", "test") if split_mode == "test" else ("train800", "val200")
+        train, evaluation = vtab_split(folder, train_split, c), vtab_split(folder, eval_split, c)
+    else:
+        splits = fgvc_splits(folder, ("train", "val", "test"), recipe.get("image_dir", ""), c)
+        train = splits["train"] + splits["val"] if split_mode == "test" else splits["train"]
+        evaluation = splits["test"] if split_mode == "test" else splits["val"]
+    log.info("%s: %d training and %d evaluation images from %s (split_mode %s)", recipe["task"], len(train), len(evaluation), folder, split_mode)
+    return {"train": train, "eval": evaluation, "source": str(folder)}
+
+
+def classification_transforms(recipe: dict, train: bool, views: int = 1):
+    """The papers' transforms: VTAB a bicubic squash to the input size, no augmentation; FGVC random-resized
+    crop + flip for training, resize to size / 0.875... (248 for 224) + centre crop for evaluation.
+
+    ``views=2`` gives GPS's selection views: two independent random-resized crops with flip, colour
+    jitter and grey-scale (the reference's two-crop transform).
+    """
+    from torchvision import transforms as T
+
+    size = int(recipe["image_size"])
+    mean, std = NORMALISATION[recipe.get("normalisation", "inception")]
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    if views == 2:
+        one = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
+                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), *tail])
+        return lambda img: [one(img), one(img)]
+    if recipe["transforms"] == "fgvc":
+        if train:
+            return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), *tail])
+        return T.Compose([T.Resize(int(round(size / 0.9)), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), *tail])
+    return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), *tail])
+
+
+class ImageList(torch.utils.data.Dataset):
+    """``{"image", "label"}`` items of an image list, loaded with PIL as RGB."""
+
+    def __init__(self, items: list[dict], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        item = self.items[i]
+        try:
+            with Image.open(item["image"]) as img:
+                image = self.transform(img.convert("RGB"))
+        except OSError as err:
+            raise OSError(f"cannot read image {item['image']}: {err}") from err
+        return {"image": image, "label": torch.tensor(item["label"], dtype=torch.long)}
+
+
+def classification_network(recipe: dict, pretrained: str | None = None, arch: str | None = None) -> nn.Module:
+    """The task's ViT: the demo ViT for the synthetic default; else ``arch`` with the user's pre-trained file."""
+    from medseg_peft.models.vit import DEFAULT_ARCH, build_vit, demo_vit
+
+    c, dp = recipe["num_classes"], float(recipe.get("drop_path") or 0.0)
+    if recipe["task"] == SYNTHETIC_RECIPE["task"] and not _given(pretrained) and not _given(arch):
+        return demo_vit(c, dp)
+    if not _given(pretrained):
+        log.warning("no pretrained file given: %s starts from random weights (pass --pretrained "
+                    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz or ViT-B_16.npz)", arch or DEFAULT_ARCH)
+    return build_vit(arch if _given(arch) else DEFAULT_ARCH, c, pretrained if _given(pretrained) else None, dp)
+
+
+def classification_loss(recipe: dict) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if (recipe.get("mixup") or 0) > 0 or (recipe.get("cutmix") or 0) > 0:
+        return SoftTargetCrossEntropy()  # mixup / cutmix make soft targets, smoothing included
+    if (recipe.get("label_smoothing") or 0) > 0:
+        return LabelSmoothingCrossEntropy(recipe["label_smoothing"])
+    return nn.CrossEntropyLoss()
+
+
+def mixup_batches(recipe: dict):
+    """``prepare_batch`` for MONAI's trainer applying timm's Mixup / CutMix (FGVC recipes), or None."""
+    from monai.engines.utils import default_prepare_batch
+    from timm.data import Mixup
+
+    if not ((recipe.get("mixup") or 0) > 0 or (recipe.get("cutmix") or 0) > 0):
+        return default_prepare_batch
+    mix = Mixup(mixup_alpha=recipe.get("mixup") or 0.0, cutmix_alpha=recipe.get("cutmix") or 0.0,
+                switch_prob=recipe.get("mixup_switch_prob", 0.5), label_smoothing=recipe.get("label_smoothing") or 0.0,
+                num_classes=recipe["num_classes"])
+
+    def prepare(batch, device=None, non_blocking=False, **kwargs):
+        x, y = default_prepare_batch(batch, device, non_blocking, **kwargs)
+        if x.shape[0] % 2:  # timm's batch mixup pairs images; drop_last keeps batches even, guard anyway
+            x, y = x[:-1], y[:-1]
+        return mix(x, y)
+
+    return prepare
+
+
+class ModelEma:
+    """timm's ``ModelEmaV3`` updated after every training iteration; evaluate ``.module`` for the EMA weights."""
+
+    def __init__(self, network: nn.Module, decay: float | None):
+        from timm.utils import ModelEmaV3
+
+        self.network = network
+        self.ema = ModelEmaV3(network, decay=float(decay)) if decay else None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.network if self.ema is None else self.ema.module
+
+    def attach(self, trainer) -> None:
+        from ignite.engine import Events
+
+        if self.ema is not None:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: self.ema.update(self.network))
+
+
+def top1_metric():
+    """Top-1 accuracy in percent (ignite's Accuracy on batched logits)."""
+    from ignite.metrics import Accuracy
+
+    return Accuracy(output_transform=lambda out: (out["pred"].float(), out["label"])) * 100.0
+
+
+def classification_optimizer(recipe: dict, params) -> torch.optim.Optimizer:
+    """Adam with no weight decay (GPS's scripts), or AdamW with the recipe's decay (SPT's)."""
+    lr, wd = float(recipe["lr"]), float(recipe.get("weight_decay") or 0.0)
+    if recipe.get("optimizer", "adam") == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd)

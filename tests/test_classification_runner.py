@@ -1,0 +1,104 @@
+"""Classification path: SupCon by hand, EMA, the runner end to end on a tiny fake VTAB task, results averages, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import error_chain, run_workflow
+from PIL import Image
+
+from medseg_peft.models.vit import build_vit
+from medseg_peft.recipes import VTAB_TASKS, load_recipe
+from medseg_peft.results import collect, fgvc_mean, table, vtab_averages
+from medseg_peft.selection.supcon import supcon_loss
+from medseg_peft.workflows.classify import ModelEma
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MEDSEG_PEFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_supcon_matches_a_hand_computed_value():
+    # two images, two views each, unit features: image 0 -> (1,0), (0,1); image 1 -> (1,0), (0,-1); tau = 1
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, -1.0]]])
+    # each anchor's only positive is its other view (cosine 0); the denominators are 1 + 1 + e or 1 + 1 + 1/e
+    expected = (math.log(2 + math.e) + math.log(2 + 1 / math.e)) / 2
+    assert supcon_loss(feats, torch.tensor([0, 1]), temperature=1.0, base_temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+    # temperature 0.5 doubles every similarity: denominators 1 + 1 + e^2 or 1 + 1 + e^-2
+    expected_half = (math.log(2 + math.e**2) + math.log(2 + math.e**-2)) / 2
+    assert supcon_loss(feats, torch.tensor([0, 1]), 0.5, 0.5).item() == pytest.approx(expected_half, rel=1e-6)
+
+
+def test_model_ema_update():
+    net = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema = ModelEma(net, decay=0.75)
+    with torch.no_grad():
+        net.weight.fill_(4.0)
+    ema.ema.update(net)
+    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 1.0))  # 0.75 * 0 + 0.25 * 4
+    assert ModelEma(net, None).module is net
+
+
+def fake_vtab(root, task="dtd", n_train=24, n_test=12):
+    folder = root / load_recipe(task)["folder"]
+    rng = np.random.default_rng(0)
+    lines = {"train800val200": [], "test": []}
+    for split, n in (("train800val200", n_train), ("test", n_test)):
+        for i in range(n):
+            rel = f"images/{split}/{i:06d}.jpg"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / rel)
+            lines[split].append(f"{rel} {i % 3}")
+    for split, entries in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    return folder
+
+
+def test_runner_trains_a_tiny_vit_on_a_fake_vtab_task(tmp_path):
+    fake_vtab(tmp_path)
+    pretrained = tmp_path / "tiny.pth"
+    torch.save(build_vit("demo", 10).state_dict(), pretrained)
+    out = tmp_path / "run"
+    run_workflow("classify.json", task="dtd", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32,
+                 epochs=2, cooldown_epochs=0, batch_size=8, num_workers=0, output_dir=str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["task"] == "dtd" and metrics["method"] == "gps"
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2] and all(0 <= h["top1"] <= 100 for h in metrics["history"])
+    assert (out / "selection.safetensors").is_file() and (out / "best_delta.safetensors").is_file()
+    rows = collect(tmp_path)
+    assert len(rows) == 1 and rows[0]["task"] == "dtd" and rows[0]["last"] == metrics["history"][-1]["top1"]
+    assert "| dtd | gps | test |" in table(rows)
+
+
+def test_results_averages_on_known_numbers():
+    gps = {t: load_recipe(t)["published"]["gps"] for t in VTAB_TASKS}
+    v19, groups = vtab_averages(gps)
+    assert v19 == pytest.approx(75.18, abs=0.005)  # GPS's published 19-task mean
+    assert groups == pytest.approx(77.47, abs=0.005)  # and its mean of group means
+    flat = {t: 50.0 for t in VTAB_TASKS} | {"cifar100": 69.0}  # one natural task higher: 19 vs 3 weighting differs
+    v19, groups = vtab_averages(flat)
+    assert v19 == pytest.approx(50 + 19 / 19) and groups == pytest.approx(50 + 19 / 7 / 3)
+    assert vtab_averages({"cifar100": 1.0}) == (None, None)
+    assert fgvc_mean({"cub": 90, "nabirds": 80, "flowers": 100, "dogs": 90, "cars": 90}) == pytest.approx(90.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"task": "imagenet"}, "unknown task 'imagenet'"),
+    ({"task": "dtd"}, "needs data_root"),
+    ({"task": "dtd", "pretrained": "WRONG"}, "does not fit"),
+])
+def test_bad_classification_input(tmp_path, overrides, message):
+    fake_vtab(tmp_path)
+    if overrides.get("pretrained") == "WRONG":
+        torch.save(build_vit("demo", 10).state_dict(), tmp_path / "wrong.pth")  # a demo ViT file for a ViT-B/16
+        overrides = {**overrides, "pretrained": str(tmp_path / "wrong.pth"), "data_root": str(tmp_path)}
+    with pytest.raises(Exception) as info:
+        run_workflow("classify.json", output_dir=str(tmp_path / "run"), epochs=1, cooldown_epochs=0, num_workers=0, **overrides)
+    assert message in error_chain(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
