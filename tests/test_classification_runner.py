@@ -92,12 +92,16 @@ def test_results_averages_on_known_numbers():
     ({"task": "imagenet"}, "unknown task 'imagenet'"),
     ({"task": "dtd"}, "needs data_root"),
     ({"task": "dtd", "pretrained": "WRONG"}, "does not fit"),
+    ({"task": "dtd", "pretrained": "WRONG.npz"}, "does not fit"),
 ])
 def test_bad_classification_input(tmp_path, overrides, message):
     fake_vtab(tmp_path)
     if overrides.get("pretrained") == "WRONG":
         torch.save(build_vit("demo", 10).state_dict(), tmp_path / "wrong.pth")  # a demo ViT file for a ViT-B/16
         overrides = {**overrides, "pretrained": str(tmp_path / "wrong.pth"), "data_root": str(tmp_path)}
+    elif overrides.get("pretrained") == "WRONG.npz":  # a JAX checkpoint of another network
+        np.savez(tmp_path / "other.npz", **{"conv_1/kernel": np.zeros((3, 3, 3, 8), np.float32)})
+        overrides = {**overrides, "pretrained": str(tmp_path / "other.npz"), "data_root": str(tmp_path)}
     with pytest.raises(Exception) as info:
         run_workflow("classify.json", output_dir=str(tmp_path / "run"), epochs=1, cooldown_epochs=0, num_workers=0, **overrides)
     assert message in error_chain(info.value)

@@ -27,7 +27,7 @@ SYNTHETIC_RECIPE = {
     "task": "synthetic_counting", "benchmark": "vtab", "group": "structured", "num_classes": 4, "transforms": "vtab",
     "image_size": 32, "batch_size": 32, "lr": 2e-3, "k": 2, "drop_path": 0.0, "ema": None, "mixup": 0.0, "cutmix": 0.0,
     "label_smoothing": 0.0, "epochs": 12, "cooldown_epochs": 0, "warmup_epochs": 1, "min_lr": 1e-6, "normalisation": "inception",
-    "published": {},
+    "budget": 10_000, "published": {},
 }
 NORMALISATION = {"inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
@@ -45,6 +45,7 @@ def classification_recipe(task: str | None = None, method: str = "gps", **overri
         if method == "spt":
             recipe.update({k: v for k, v in full["spt"].items() if k != "budgets"})
         recipe.setdefault("image_size", 224)
+        recipe["budget"] = 400_000  # SPT picks 0.2-0.8 M per task on validation (full["spt"]["budgets"]); the middle
     recipe.update({k: v for k, v in overrides.items() if _given(v)})
     return recipe
 

@@ -87,10 +87,12 @@ class RunReport:
 
     def on_training_done(self, trainer: Engine) -> None:
         zero, best = self.data["zero_shot"] or {}, self.data["best"] or {}
+        last = self.data["history"][-1] if self.data["history"] else {}
         lines = [
             f"method {self.data['method']}: tuned {self.data.get('trainable', 0):,} parameters ({self.data.get('tuned_percent', 0):.3f} %)",
             f"  before tuning (zero-shot): {_fmt({k: v for k, v in zero.items() if k != 'epoch'})}",
             f"  after tuning (best, epoch {best.get('epoch', '-')}): {_fmt({k: v for k, v in best.items() if k != 'epoch'})}",
+            f"  last (epoch {last.get('epoch', '-')}): {_fmt({k: v for k, v in last.items() if k != 'epoch'})}",
             f"  wall time {self.data['seconds']:.0f} s; results in {self.dir}",
         ]
         print("\n".join(lines), flush=True)
