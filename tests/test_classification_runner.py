@@ -106,3 +106,85 @@ def test_bad_classification_input(tmp_path, overrides, message):
         run_workflow("classify.json", output_dir=str(tmp_path / "run"), epochs=1, cooldown_epochs=0, num_workers=0, **overrides)
     assert message in error_chain(info.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def fake_fgvc(root, task="flowers"):
+    """FGVC JSON splits whose class ids start at 1 and skip numbers, as real ones may; every class has an image."""
+    recipe = load_recipe(task)
+    folder = root / recipe["folder"]
+    rng = np.random.default_rng(1)
+    ids = [3 * i + 1 for i in range(recipe["num_classes"])]
+    splits = {"train": {f"jpg/tr_{i}.jpg": c for i, c in enumerate(ids)},
+              "val": {f"jpg/va_{i}.jpg": ids[i] for i in range(4)}, "test": {f"jpg/te_{i}.jpg": ids[-i - 1] for i in range(6)}}
+    for split, entries in splits.items():
+        (folder / f"{split}.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"{split}.json").write_text(json.dumps(entries))
+        for rel in entries:
+            (folder / recipe["image_dir"] / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(folder / recipe["image_dir"] / rel)
+    return folder
+
+
+def test_runner_fgvc_recipe_with_mixup_ema_and_resume(tmp_path):
+    """The FGVC path: random-resized crops, mixup / cutmix soft targets, EMA evaluated and checkpointed, resumed."""
+    fake_fgvc(tmp_path)
+    pretrained = tmp_path / "tiny.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(build_vit("demo", 7).state_dict(), str(pretrained))
+    out = tmp_path / "run"
+    common = dict(task="flowers", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32,
+                  cooldown_epochs=0, batch_size=16, num_workers=0, output_dir=str(out), method="fps")
+    wf = run_workflow("classify.json", epochs=1, **common)
+    recipe = wf.parser.get_parsed_content("recipe")
+    assert recipe["ema"] == 0.99 and recipe["mixup"] == 0.8 and recipe["transforms"] == "fgvc"
+    ema = wf.parser.get_parsed_content("ema")
+    assert ema.module is not wf.parser.get_parsed_content("network")  # the evaluator sees the EMA copy
+    saved = torch.load(next((out / "checkpoints").glob("*.pt")), weights_only=False)
+    assert saved["ema"] and set(saved["ema"]) == set(ema.ema.state_dict())
+    wf = run_workflow("classify.json", epochs=2, **common)
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2] and metrics["settings"]["ema"] == 0.99
+
+
+def jax_npz(model, path, head=True):
+    """A Google ViT ``.npz`` (the layout of ViT-B_16.npz / the AugReg files) written from a timm ViT, to load back."""
+    n = lambda t: t.detach().numpy()  # noqa: E731
+    d, heads = model.embed_dim, model.blocks[0].attn.num_heads
+    w = {"embedding/kernel": n(model.patch_embed.proj.weight).transpose(2, 3, 1, 0), "embedding/bias": n(model.patch_embed.proj.bias),
+         "cls": n(model.cls_token), "Transformer/posembed_input/pos_embedding": n(model.pos_embed),
+         "Transformer/encoder_norm/scale": n(model.norm.weight), "Transformer/encoder_norm/bias": n(model.norm.bias)}
+    if head:
+        w.update({"head/kernel": n(model.head.weight).T, "head/bias": n(model.head.bias)})
+    for i, block in enumerate(model.blocks):
+        p, mha = f"Transformer/encoderblock_{i}/", f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
+        for j, name in enumerate(("query", "key", "value")):
+            w[f"{mha}{name}/kernel"] = n(block.attn.qkv.weight)[j * d:(j + 1) * d].T.reshape(d, heads, -1)
+            w[f"{mha}{name}/bias"] = n(block.attn.qkv.bias)[j * d:(j + 1) * d].reshape(heads, -1)
+        w[f"{mha}out/kernel"] = n(block.attn.proj.weight).reshape(d, heads, -1).transpose(1, 2, 0)
+        w[f"{mha}out/bias"] = n(block.attn.proj.bias)
+        for ln, norm in (("LayerNorm_0", block.norm1), ("LayerNorm_2", block.norm2)):
+            w[f"{p}{ln}/scale"], w[f"{p}{ln}/bias"] = n(norm.weight), n(norm.bias)
+        for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
+            w[f"{p}MlpBlock_3/Dense_{r}/kernel"], w[f"{p}MlpBlock_3/Dense_{r}/bias"] = n(fc.weight).T, n(fc.bias)
+    np.savez(path, **w)
+
+
+def test_google_npz_weights_load_and_the_head_stays_new(tmp_path):
+    torch.manual_seed(3)
+    source = build_vit("demo", 21)  # a "21k" head that must not be taken over
+    jax_npz(source, tmp_path / "vit.npz")
+    torch.manual_seed(4)
+    fresh = build_vit("demo", 7)
+    head_before = fresh.head.weight.detach().clone()
+    torch.manual_seed(4)  # the same fresh head as built, then the body from the file
+    loaded = build_vit("demo", 7, tmp_path / "vit.npz")
+    for name, value in source.state_dict().items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(loaded.state_dict()[name], value, msg=name)
+    assert loaded.head.weight.shape == (7, 96) and torch.equal(loaded.head.weight, head_before)
+    x = torch.rand(2, 3, 32, 32)
+    loaded.eval(), source.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(x), source.forward_features(x))

@@ -178,6 +178,14 @@ class ModelEma:
     def module(self) -> nn.Module:
         return self.network if self.ema is None else self.ema.module
 
+    def state_dict(self) -> dict:
+        """For the resumable checkpoint: the EMA weights (empty without EMA), so a resumed run keeps its average."""
+        return {} if self.ema is None else self.ema.state_dict()
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        if self.ema is not None and state:
+            self.ema.load_state_dict(state, strict=strict)
+
     def attach(self, trainer) -> None:
         from ignite.engine import Events
 

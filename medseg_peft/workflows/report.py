@@ -72,7 +72,11 @@ class RunReport:
         metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float)) or torch.is_tensor(v)}
         epoch = int(self.trainer.state.epoch or 0)
         entry = {"epoch": epoch, **metrics}
-        self.data["history"].append(entry)
+        history = self.data["history"]
+        if history and history[-1]["epoch"] == epoch:  # a resumed run re-validates where it stopped: same epoch, one entry
+            history[-1] = entry
+        else:
+            history.append(entry)
         if self.data["zero_shot"] is None and epoch == 0:
             self.data["zero_shot"] = entry
             log.info("zero-shot (before tuning): %s", _fmt(metrics))
