@@ -188,3 +188,20 @@ def test_google_npz_weights_load_and_the_head_stays_new(tmp_path):
     loaded.eval(), source.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(x), source.forward_features(x))
+
+
+def test_the_papers_transforms():
+    from torchvision import transforms as T
+
+    from medseg_peft.workflows.classify import classification_recipe, classification_transforms
+
+    fgvc_eval = classification_transforms(classification_recipe("cub"), train=False).transforms
+    assert fgvc_eval[0].size == 248 and fgvc_eval[1].size == (224, 224)  # resize 248 + centre crop 224
+    assert isinstance(classification_transforms(classification_recipe("cub"), train=True).transforms[0], T.RandomResizedCrop)
+    vtab = classification_transforms(classification_recipe("dtd"), train=True).transforms
+    assert vtab[0].size == (224, 224) and vtab[0].interpolation == T.InterpolationMode.BICUBIC  # squash, no augmentation
+    assert not any(isinstance(t, (T.RandomResizedCrop, T.RandomHorizontalFlip)) for t in vtab)
+    assert vtab[-1].mean == (0.5, 0.5, 0.5)  # GPS's normalisation; SPT's recipe uses ImageNet's
+    assert classification_transforms(classification_recipe("dtd", "spt"), train=False).transforms[-1].mean == (0.485, 0.456, 0.406)
+    views = classification_transforms(classification_recipe("dtd"), train=True, views=2)(Image.new("RGB", (40, 30)))
+    assert len(views) == 2 and views[0].shape == (3, 224, 224)

@@ -13,6 +13,7 @@ for honest hyperparameter search.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -80,7 +81,8 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
 
 def classification_transforms(recipe: dict, train: bool, views: int = 1):
     """The papers' transforms: VTAB a bicubic squash to the input size, no augmentation; FGVC random-resized
-    crop + flip for training, resize to size / 0.875... (248 for 224) + centre crop for evaluation.
+    crop + flip for training, bicubic resize to floor(size / 0.9) (248 for 224, timm's crop_pct 0.9) + centre
+    crop for evaluation.
 
     ``views=2`` gives GPS's selection views: two independent random-resized crops with flip, colour
     jitter and grey-scale (the reference's two-crop transform).
@@ -97,7 +99,7 @@ def classification_transforms(recipe: dict, train: bool, views: int = 1):
     if recipe["transforms"] == "fgvc":
         if train:
             return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), *tail])
-        return T.Compose([T.Resize(int(round(size / 0.9)), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), *tail])
+        return T.Compose([T.Resize(math.floor(size / 0.9), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), *tail])
     return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), *tail])
 
 
