@@ -191,14 +191,20 @@ def export_bundle(
     spacing: Sequence[float] | None = None,
     channel: int | None = None,
     activation: str = "softmax",
-    sam_variant: str = "vit_b",
+    sam_variant: str | None = None,
     modality: str | None = None,
     trace_size: int | None = None,
     torch_export: bool = True,
 ) -> Path:
-    """Write the bundle folder; returns its path. ``network`` is the plain (untuned) network the run tuned."""
+    """Write the bundle folder; returns its path. ``network`` is the plain (untuned) network the run tuned.
+
+    The SAM variant written into ``network_def`` is read off the network's own weights (width and
+    depth), so a run on the embedded demo model exports ``demo`` whatever ``sam_variant`` the bundle
+    named; ``sam_variant`` is only the fallback for a network of no known variant.
+    """
     from medseg_peft.data.volume_transforms import resolve_intensity
     from medseg_peft.models import sam as sam_module
+    from medseg_peft.models.sam import detect_variant
     from medseg_peft.data import volume_io
 
     if not isinstance(class_names, Mapping):
@@ -210,6 +216,12 @@ def export_bundle(
         (out / sub).mkdir(parents=True, exist_ok=True)
     merged = merged_network(network, result_file)
     state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    found = detect_variant({k[len("sam."):]: v for k, v in state.items() if k.startswith("sam.")})
+    if found is None and sam_variant is None:
+        raise ValueError("the network matches no known SAM variant; pass sam_variant")
+    if found is not None and sam_variant not in (None, found):
+        log.info("exporting the network as SAM %s (read off its weights), not the configured %s", found, sam_variant)
+    sam_variant = found or sam_variant
     torch.save(state, out / "models" / "model.pt")
 
     size = int(trace_size or merged.image_size)

@@ -1,6 +1,9 @@
 """The organ bundles end to end at a tiny size: synthetic CT volumes, the demo model at 64 px, train -> export -> 3D inference."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -43,6 +46,18 @@ def test_organ_bundle_trains_exports_and_segments_volumes(tmp_path):
         src, seg = nib.load(image), nib.load(written)
         assert seg.shape == src.shape and np.allclose(seg.affine, src.affine) and seg.get_data_dtype() == np.uint8
         assert set(np.unique(np.asanyarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
+
+    # the exported folder, run as a Slicer user would (its own folder, no medseg_peft), segments the same volumes alike
+    exported_labels = tmp_path / "exported"
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                           "--dataset_dir", str(Path(images[0]).parent.parent), "--output_dir", str(exported_labels)],
+                          cwd=bundle, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for image in images:
+        name = Path(image).name.replace(".nii.gz", "_seg.nii.gz")
+        ours, theirs = nib.load(predictions / name), nib.load(exported_labels / name)
+        assert np.array_equal(np.asanyarray(ours.dataobj), np.asanyarray(theirs.dataobj))
+        assert np.array_equal(ours.affine, theirs.affine)
 
 
 @pytest.mark.parametrize("overrides, message", [
