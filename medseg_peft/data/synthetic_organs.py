@@ -114,8 +114,8 @@ def _paint_organs(rng: np.random.Generator, grid: Grid, hu: np.ndarray, allowed:
 def organ_volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One ``(hu int16, labels uint8, spacing mm)`` in RAS array order.
 
-    Axis 0 runs towards the patient's right... in RAS terms along +x, axis 1 posterior to anterior
-    (+y), axis 2 feet to head (+z): the storage orientation is decided later, by :func:`_affine`.
+    Axis 0 runs from the patient's left to right (+x), axis 1 from back to front (+y), axis 2 from
+    feet to head (+z); how the array is stored on disk is decided later, by :func:`_affine`.
     """
     n = int(rng.integers(88, 113))
     nz = int(rng.integers(24, 37))
