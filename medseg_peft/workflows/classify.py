@@ -81,7 +81,7 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
 
 def classification_transforms(recipe: dict, train: bool, views: int = 1):
     """The papers' transforms: VTAB a bicubic squash to the input size, no augmentation; FGVC random-resized
-    crop + flip for training, bicubic resize to floor(size / 0.9) (248 for 224, timm's crop_pct 0.9) + centre
+    crop (random interpolation) + flip for training, bicubic resize to floor(size / 0.9) (248 for 224, timm's crop_pct 0.9) + centre
     crop for evaluation.
 
     ``views=2`` gives GPS's selection views: two independent random-resized crops with flip, colour
@@ -97,8 +97,10 @@ def classification_transforms(recipe: dict, train: bool, views: int = 1):
                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), *tail])
         return lambda img: [one(img), one(img)]
     if recipe["transforms"] == "fgvc":
-        if train:
-            return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), *tail])
+        if train:  # timm's "random" interpolation, as the FGVC scripts use: bilinear or bicubic per image
+            crops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=mode)
+                     for mode in (T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC)]
+            return T.Compose([T.RandomChoice(crops), T.RandomHorizontalFlip(), *tail])
         return T.Compose([T.Resize(math.floor(size / 0.9), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), *tail])
     return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), *tail])
 
