@@ -9,6 +9,22 @@ import torch
 from torch import nn
 
 
+def train_steps(model, batches, steps: int = 3, lr: float = 5e-2, weight_decay: float = 0.01):
+    """A few AdamW passes over ``batches`` on the trainable parameters only; returns the optimizer."""
+    import torch.nn.functional as F
+
+    import medseg_peft as mp
+
+    opt = torch.optim.AdamW(mp.trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(steps):
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return opt
+
+
 def run_workflow(config_file, run_id: str = "run", **overrides):
     """A MONAI bundle config run as ``python -m monai.bundle run`` would, with the repo's metadata and logging."""
     from pathlib import Path

@@ -4,20 +4,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import medseg_peft as mp
+from conftest import train_steps
 from medseg_peft.selection.lora import LoRA
 from medseg_peft.selection.selection import Selection
-
-
-def _train(model, batches, steps=3):
-    opt = torch.optim.AdamW(mp.trainable_parameters(model), lr=5e-2)
-    for _ in range(steps):
-        for x, y in batches:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
 
 
 def test_lora_selects_qkv_and_head(vit, vit_batches):
@@ -47,7 +38,7 @@ def test_lora_life_cycle_is_exact(vit, vit_batches, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), base.eval()(x))  # B = 0: starts as the base model
     model.train()
-    _train(model, vit_batches)
+    train_steps(model, vit_batches)
     model.eval()
     with torch.no_grad():
         tuned = model(x)

@@ -7,17 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import medseg_peft as mp
+from conftest import train_steps
 
 
 def _tuned(base, batches, method, seed, steps=2):
     model = method(copy.deepcopy(base), batches)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(mp.trainable_parameters(model), lr=5e-2)
-    for _ in range(steps):
-        for x, y in batches:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+    train_steps(model, batches, steps)
     return model
 
 

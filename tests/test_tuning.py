@@ -8,18 +8,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import medseg_peft as mp
-from conftest import tiny_vit
+from conftest import tiny_vit, train_steps
 
 
 def _train(model, batches, steps=4, lr=5e-2, weight_decay=0.1):
-    opt = torch.optim.AdamW(mp.trainable_parameters(model), lr=lr, weight_decay=weight_decay)
-    model.train()
-    for _ in range(steps):
-        for x, y in batches:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return opt
+    return train_steps(model, batches, steps, lr, weight_decay)
 
 
 @pytest.fixture

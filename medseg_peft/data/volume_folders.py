@@ -137,6 +137,12 @@ def _msd_classes(spec: dict, path: Path) -> dict[int, str]:
         raise VolumeDataError(f"{path}: 'labels' must map label values (\"1\", \"2\", ...) to names: {err}") from err
 
 
+def msd_class_names(root: Path) -> dict[int, str]:
+    """The class names of an MSD task folder's ``dataset.json`` (for inference, where no pairs are read)."""
+    path = root / "dataset.json"
+    return _msd_classes(_load_spec(path), path)
+
+
 def read_msd(root: Path) -> dict:
     """``{"pairs", "test", "classes", "modality"}`` from ``root/dataset.json``; errors name the file and the key.
 

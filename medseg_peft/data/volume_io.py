@@ -297,7 +297,7 @@ def check_volume_pair(image: str | Path, label: str | Path, classes: Iterable[in
     label's voxels. ``channel`` picks one channel of a multi-channel image.
     """
     img, lab = read_geometry(image), read_geometry(label)
-    _check_channels(img, channel)
+    check_channels(img, channel)
     if lab.channels > 1:
         raise VolumeDataError(f"label {label} has {lab.channels} channels; a label map with one value per voxel was expected")
     _check_alignment(img, lab)
@@ -306,7 +306,7 @@ def check_volume_pair(image: str | Path, label: str | Path, classes: Iterable[in
     return img
 
 
-def _check_channels(img: VolumeGeometry, channel: int | None) -> None:
+def check_channels(img: VolumeGeometry, channel: int | None) -> None:
     """The pipeline segments 3D volumes: a multi-channel image needs one channel named explicitly."""
     if img.channels == 1:
         return

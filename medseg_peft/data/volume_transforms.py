@@ -107,23 +107,29 @@ def volume_preprocessing_config(
     return steps
 
 
+def probabilities_config(activation: str = "softmax") -> list[dict]:
+    """Logits to class probabilities with a background channel first: the one rule every label map uses.
+
+    ``softmax``: the network's channel 0 is background. ``sigmoid``: one channel per class, and a
+    background channel at probability 0.5 is prepended, so an argmax keeps a class only where it is
+    above 0.5. Training-time validation, ``inference.json`` and the exported bundle all use it.
+    """
+    if activation == "softmax":
+        return [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]
+    if activation == "sigmoid":
+        return [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+                {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: torch.cat([torch.full_like(x[:1], 0.5), x])"}]
+    raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+
+
 def label_postprocessing_config(activation: str = "softmax", writer: str = LABEL_WRITER) -> list[dict]:
     """Logits of a whole volume to a label volume file with the input's geometry (references ``@preprocessing``,
     ``@output_dir``, ``@output_postfix``).
 
     Probabilities are inverted to the input's grid (orientation, spacing) before the argmax, as MONAI's
     model-zoo bundles do, so resampling interpolates probabilities rather than class values.
-    Per-class sigmoid outputs get a background channel at probability 0.5, so the argmax keeps a class
-    only where it is above 0.5, the training-time rule (``label_map``).
     """
-    if activation == "softmax":
-        steps = [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]
-    elif activation == "sigmoid":
-        steps = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
-                 {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: torch.cat([torch.full_like(x[:1], 0.5), x])"}]
-    else:
-        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-    return steps + [
+    return probabilities_config(activation) + [
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
         {"_target_": writer, "keys": "pred", "output_dir": "@output_dir", "postfix": "@output_postfix"},
@@ -173,6 +179,7 @@ __all__ = [
     "intensity_config",
     "label_postprocessing",
     "label_postprocessing_config",
+    "probabilities_config",
     "resolve_intensity",
     "slice_sampling",
     "volume_preprocessing",

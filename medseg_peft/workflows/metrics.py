@@ -45,20 +45,16 @@ def mean_iou_handler() -> IgniteMetricHandler:
 # ignore_empty=False a class absent from a volume scores 1 when it is not predicted and 0 when it is.
 
 
-def label_map(logits: torch.Tensor, activation: str = "softmax", threshold: float = 0.5) -> torch.Tensor:
+def label_map(logits: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
     """Class values from channel-first logits (``[C, ...]``), keeping a leading channel of size 1.
 
-    ``softmax``: channel 0 is background, argmax over all channels. ``sigmoid``: one channel per
-    class, no background channel; a voxel takes the most probable class whose probability is above
-    ``threshold``, else background (a constant background logit, then argmax).
+    The rule of ``probabilities_config`` (softmax over background + classes, or per-class sigmoid
+    above 0.5), then an argmax: the same transforms the inference bundles run.
     """
-    logits = logits.float()
-    if activation == "sigmoid":
-        background = torch.full_like(logits[:1], float(torch.logit(torch.tensor(threshold))))
-        logits = torch.cat([background, logits])
-    elif activation != "softmax":
-        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-    return logits.argmax(0, keepdim=True).to(torch.float32)
+    from medseg_peft.data.volume_transforms import instantiate, probabilities_config
+
+    steps = probabilities_config(activation) + [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
+    return torch.as_tensor(instantiate(steps)({"pred": logits.float()})["pred"]).as_subclass(torch.Tensor)
 
 
 def class_dice_metric() -> DiceMetric:

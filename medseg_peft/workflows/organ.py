@@ -89,17 +89,12 @@ class _SigmoidDiceCE(nn.Module):
 
 
 def organ_postprocessing(num_classes: int, activation: str = "softmax"):
-    """Evaluator post-processing: logits to a label map, then prediction and label one-hot for the metrics."""
-    from functools import partial
+    """Evaluator post-processing: logits to a label map (the inference bundles' rule), then prediction and
+    label one-hot for the metrics."""
+    from medseg_peft.data.volume_transforms import instantiate, probabilities_config
 
-    from monai.transforms import AsDiscreted, Compose, Lambdad
-
-    from medseg_peft.workflows.metrics import label_map
-
-    return Compose([
-        Lambdad(keys="pred", func=partial(label_map, activation=activation)),
-        AsDiscreted(keys=["pred", "label"], to_onehot=[num_classes + 1, num_classes + 1]),
-    ])
+    onehot = {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False], "to_onehot": [num_classes + 1] * 2}
+    return instantiate(probabilities_config(activation) + [onehot])
 
 
 def volume_inputs(dataset_dir: str | None = None, classes: Sequence[str] | Mapping | None = None, channel: int | None = None,
@@ -110,27 +105,23 @@ def volume_inputs(dataset_dir: str | None = None, classes: Sequence[str] | Mappi
     subfolders) or an MSD task folder (its test images); class names come from ``classes`` or the
     folder's ``dataset.json``. With nothing given: the synthetic CT set's test volumes.
     """
-    import json
     from pathlib import Path
 
     from medseg_peft.data.synthetic_organs import make_synthetic_organs
-    from medseg_peft.data.volume_folders import class_names
-    from medseg_peft.data.volume_io import list_volumes, read_geometry
+    from medseg_peft.data.volume_folders import class_names, msd_class_names
+    from medseg_peft.data.volume_io import check_channels, list_volumes, read_geometry
 
     root = Path(dataset_dir).expanduser() if _given(dataset_dir) else make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
     images = list_volumes(root)
     if _given(classes):
         names = class_names(classes)
     elif (root / "dataset.json").is_file():
-        names = class_names({k: v for k, v in json.loads((root / "dataset.json").read_text()).get("labels", {}).items() if int(k) != 0})
+        names = msd_class_names(root)
     else:
         raise ValueError(f"{root} has no dataset.json to name the classes: pass the names the model was trained with, "
                          "e.g. --classes \"['liver', 'spleen']\"")
     channel = int(channel) if _given(channel) else None
     for path in images:
-        geometry = read_geometry(path)
-        if geometry.channels > 1 and channel is None:
-            raise ValueError(f"{path} has {geometry.channels} channels; this pipeline segments 3D volumes: "
-                             f"pick one with --channel (0..{geometry.channels - 1})")
+        check_channels(read_geometry(path), channel)
     log.info("3D inference on %d volumes from %s, classes %s", len(images), root, names)
     return {"images": [str(p) for p in images], "classes": names, "source": str(root)}
