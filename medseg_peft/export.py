@@ -32,7 +32,7 @@ log = logging.getLogger("medseg_peft")
 
 BUNDLE_SCRIPTS = ("sam", "volume_io")  # modules copied into <bundle>/scripts/
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-REPO_LOGGING_CONF = Path(__file__).resolve().parent.parent / "bundles" / "logging.conf"
+LOGGING_CONF = Path(__file__).resolve().parent / "bundles" / "logging.conf"  # package data: a wheel has it too
 TRACE_POLICY = (
     "traced on one slice; the network has no size-dependent branch (it always resizes to its input size and back), "
     "so the graph takes [B, 1, H, W] grey slices in [0, 1] of any batch and in-plane size"
@@ -229,8 +229,7 @@ def export_bundle(
     meta = metadata(merged, class_names, intensity, modality, activation, size)
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
     (out / "configs" / "inference.json").write_text(json.dumps(configs["inference"], indent=4))
-    if REPO_LOGGING_CONF.is_file():  # a source checkout; a wheel install has no bundles/ and MONAI then logs with its defaults
-        shutil.copy(REPO_LOGGING_CONF, out / "configs" / "logging.conf")
+    shutil.copy(LOGGING_CONF, out / "configs" / "logging.conf")
     (out / "scripts" / "__init__.py").write_text('"""Copies of medseg-peft modules the bundle configs need (SAM wrapper, volume IO)."""\n')
     for module, name in ((sam_module, "sam"), (volume_io, "volume_io")):
         shutil.copy(module.__file__, out / "scripts" / f"{name}.py")

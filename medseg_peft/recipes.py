@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 VTAB_TASKS = (
     "cifar100", "caltech101", "dtd", "flowers102", "pets", "svhn", "sun397",
     "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",

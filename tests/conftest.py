@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,15 +26,25 @@ def train_steps(model, batches, steps: int = 3, lr: float = 5e-2, weight_decay: 
     return opt
 
 
-def run_workflow(config_file, run_id: str = "run", **overrides):
-    """A MONAI bundle config run as ``python -m monai.bundle run`` would, with the repo's metadata and logging."""
-    from pathlib import Path
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+TASK_METADATA = {"organ_fps.json": "organ_metadata.json", "classify.json": "classify_metadata.json"}
 
+
+def bundle_files(config_file) -> list[str]:
+    """Paths of a bundle and its layers: ``"polyp_fps.json"`` or ``["polyp_fps.json", "methods/gps.json", ...]``."""
+    names = [config_file] if isinstance(config_file, str) else list(config_file)
+    return [str(BUNDLES / name) for name in names]
+
+
+def run_workflow(config_file, run_id: str = "run", **overrides):
+    """A MONAI bundle config (or a list of layers) run as ``python -m monai.bundle run`` would, with the task's
+    metadata and the repo's logging."""
     from monai.bundle import ConfigWorkflow
 
-    bundles = Path(__file__).resolve().parents[1] / "bundles"
-    wf = ConfigWorkflow(config_file=str(bundles / config_file), meta_file=str(bundles / "metadata.json"),
-                        logging_file=str(bundles / "logging.conf"), workflow_type=None, run_id=run_id, **overrides)
+    files = bundle_files(config_file)
+    meta = BUNDLES / TASK_METADATA.get(Path(files[0]).name, "metadata.json")
+    wf = ConfigWorkflow(config_file=files, meta_file=str(meta), logging_file=str(BUNDLES / "logging.conf"),
+                        workflow_type=None, run_id=run_id, **overrides)
     wf.initialize()
     wf.run()
     wf.finalize()

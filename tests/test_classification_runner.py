@@ -134,15 +134,16 @@ def test_runner_fgvc_recipe_with_mixup_ema_and_resume(tmp_path):
     save_file(build_vit("demo", 7).state_dict(), str(pretrained))
     out = tmp_path / "run"
     common = dict(task="flowers", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32,
-                  cooldown_epochs=0, batch_size=16, num_workers=0, output_dir=str(out), method="fps")
-    wf = run_workflow("classify.json", epochs=1, **common)
+                  cooldown_epochs=0, batch_size=16, num_workers=0, output_dir=str(out))
+    layers = ["classify.json", "methods/fps.json"]
+    wf = run_workflow(layers, epochs=1, **common)
     recipe = wf.parser.get_parsed_content("recipe")
     assert recipe["ema"] == 0.99 and recipe["mixup"] == 0.8 and recipe["transforms"] == "fgvc"
     ema = wf.parser.get_parsed_content("ema")
     assert ema.module is not wf.parser.get_parsed_content("network")  # the evaluator sees the EMA copy
     saved = torch.load(next((out / "checkpoints").glob("*.pt")), weights_only=False)
     assert saved["ema"] and set(saved["ema"]) == set(ema.ema.state_dict())
-    wf = run_workflow("classify.json", epochs=2, **common)
+    wf = run_workflow(layers, epochs=2, **common)
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2] and metrics["settings"]["ema"] == 0.99

@@ -74,10 +74,13 @@ def test_strategies_on_sam(tiny_sam_segmenter, strategy, parts):
 
 
 def test_registry_and_saved_hparams(vit, tmp_path):
-    sel = mp.selector("partial", strategy="ffn", k=3, loss="ce", seed=0, rank=8, budget=0.1)
+    sel = mp.selector("partial", strategy="ffn", loss="ce", seed=0)
     assert isinstance(sel, mp.Partial) and sel.strategy == "ffn"
-    # the shared bundle pool may carry another method's loss name: harmless when no probe runs
-    assert mp.selector("partial", strategy="attn", loss="supcon").strategy == "attn"
+    # another method's settings are an error naming the ones Partial takes, never silently dropped
+    with pytest.raises(TypeError, match=r"takes no setting\(s\) \['budget', 'k'\].*'strategy', 'angle_top'"):
+        mp.selector("partial", strategy="ffn", k=3, budget=10)
+    with pytest.raises(ValueError, match="loss='ce' or a callable"):
+        mp.selector("partial", strategy="attn", loss="supcon")
     saved = Partial(angle_top=2, probe_steps=3).hparams()
     assert {k: saved[k] for k in ("strategy", "angle_top", "order", "probe_steps", "probe_lr", "train_head")} == {
         "strategy": None, "angle_top": 2, "order": "largest", "probe_steps": 3, "probe_lr": 1e-3, "train_head": True}

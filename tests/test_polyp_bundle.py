@@ -22,11 +22,28 @@ def run_bundle(name: str, output_dir: Path, **overrides):
     return run_workflow(name, output_dir=str(output_dir), **settings)
 
 
-@pytest.mark.parametrize("bundle", ["polyp_fps.json", "polyp_gps.json", "polyp_full.json", "polyp_lora.json", "polyp_spt.json", "polyp_partial.json"])
-def test_bundle_runs_end_to_end(bundle, tmp_path):
+METHOD_LAYERS = {  # layer -> (selector class, settings the saved selection must record)
+    None: (mp.FPS, {"k": 4}),
+    "methods/fps.json": (mp.FPS, {"k": 4}),
+    "methods/gps.json": (mp.GPS, {"k": 4, "loss": "DiceCELoss"}),
+    "methods/full.json": (mp.Full, {}),
+    "methods/lora.json": (mp.LoRA, {"rank": 4}),
+    "methods/spt.json": (mp.SPT, {"budget": 50000, "rank": 4, "loss": "DiceCELoss"}),
+    "methods/partial.json": (mp.Partial, {"strategy": "attn", "angle_top": None}),
+}
+
+
+@pytest.mark.parametrize("layer", list(METHOD_LAYERS))
+def test_bundle_runs_each_method_layer_end_to_end(layer, tmp_path):
     out = tmp_path / "run"
-    wf = run_bundle(bundle, out)
+    wf = run_bundle(["polyp_fps.json"] + ([layer] if layer else []), out)
+    cls, settings = METHOD_LAYERS[layer]
+    # the method that ran is the layer's: its selector, the saved selection's method and settings
+    assert type(wf.parser.get_parsed_content("selector")) is cls
+    saved = mp.Selection.load(out / "selection.safetensors")
+    assert saved.method == cls.method and {k: saved.hparams[k] for k in settings} == settings
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == cls.method and metrics["settings"]["selector"] == saved.hparams
     assert metrics["zero_shot"]["epoch"] == 0 and "mDice" in metrics["zero_shot"] and "mIoU" in metrics["zero_shot"]
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
     assert metrics["best"]["epoch"] == 1 and 0.0 <= metrics["best"]["mDice"] <= 1.0
@@ -34,7 +51,7 @@ def test_bundle_runs_end_to_end(bundle, tmp_path):
     assert any((out / "tensorboard").iterdir())
     network = wf.parser.get_parsed_content("network")
     fresh = mp.models.demo_segmenter(64)
-    if bundle == "polyp_full.json":
+    if cls is mp.Full:
         assert metrics["tuned_percent"] == pytest.approx(100.0)
         return
     assert metrics["tuned_percent"] < 100
@@ -44,6 +61,18 @@ def test_bundle_runs_end_to_end(bundle, tmp_path):
     network.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), network(x))
+
+
+def test_method_settings_are_the_methods_own(tmp_path):
+    # a setting the method does not take is an error, not silently dropped
+    with pytest.raises(Exception) as info:
+        run_bundle(["polyp_fps.json", "methods/lora.json"], tmp_path / "run", **{"selector#k": 2})
+    assert "unexpected keyword argument 'k'" in error_chain(info.value)
+    # --method no longer switches a method silently: it names the layer to use
+    with pytest.raises(Exception) as info:
+        run_bundle("polyp_fps.json", tmp_path / "run2", method="gps")
+    assert "bundles/methods/gps.json" in error_chain(info.value)
+    assert not (tmp_path / "run2" / "selection.safetensors").exists()
 
 
 def test_bundle_resumes_with_the_same_selection(tmp_path):
@@ -66,7 +95,7 @@ def test_bundle_resumes_with_the_same_selection(tmp_path):
     "overrides,message",
     [
         ({"dataset_dir": "/no/such/folder"}, "/no/such/folder"),
-        ({"method": "lottery"}, "unknown method 'lottery'"),
+        ({"selector#_target_": "medseg_peft.Lottery"}, "medseg_peft.Lottery"),
         ({"sam_checkpoint": "/no/such/sam.pth"}, "/no/such/sam.pth"),
         ({"sam_variant": "vit_xl", "sam_checkpoint": __file__}, "unknown SAM variant 'vit_xl'"),
     ],

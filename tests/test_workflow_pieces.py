@@ -81,13 +81,16 @@ def test_full_method_trains_everything(vit, vit_batches):
     assert set(TunedState(model).state_dict()) == set(model.state_dict())
 
 
-def test_selector_by_name_takes_only_the_settings_it_understands():
-    settings = dict(k=3, loss="ce", rank=2, seed=5)
-    fps, gps, full = (mp.selector(name, **settings) for name in ("fps", "GPS", "full"))
+def test_selector_by_name_refuses_settings_it_does_not_take():
+    fps, gps, full = mp.selector("fps", k=3, seed=5), mp.selector("GPS", k=3, loss="ce"), mp.selector("full", seed=5)
     assert isinstance(fps, mp.FPS) and fps.k == 3 and fps.seed == 5
     assert isinstance(gps, mp.GPS) and gps.loss == "ce"
     assert isinstance(full, mp.Full) and full.seed == 5
     with pytest.raises(ValueError, match="unknown method 'adamix'; known methods"):
         mp.selector("adamix")
-    lora = mp.selector("lora", **settings)
+    with pytest.raises(TypeError, match=r"FPS \('fps'\) takes no setting\(s\) \['loss', 'rank'\]"):
+        mp.selector("fps", k=3, loss="ce", rank=2)
+    with pytest.raises(TypeError, match=r"takes no setting\(s\) \['lr'\]"):  # a misspelt or foreign setting
+        mp.selector("lora", rank=2, lr=1e-3)
+    lora = mp.selector("lora", rank=2, seed=5)
     assert isinstance(lora, mp.LoRA) and lora.rank == 2 and lora.seed == 5

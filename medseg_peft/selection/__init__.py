@@ -1,16 +1,17 @@
 """Selection: which entries of a pre-trained model to train (scoring methods + shared choosing rules)."""
 
-from medseg_peft.selection.base import Selector
-from medseg_peft.selection.eligibility import PRESETS, assign_roles
+from medseg_peft.selection.base import ScoredSelector, Selector
+from medseg_peft.selection.eligibility import PRESETS, always_trained, assign_roles, is_sam
 from medseg_peft.selection.fps import FPS
 from medseg_peft.selection.full import Full
 from medseg_peft.selection.gps import GPS
 from medseg_peft.selection.lora import LoRA
 from medseg_peft.selection.partial import Partial
 from medseg_peft.selection.spt import SPT
-from medseg_peft.selection.registry import METHODS, selector
+from medseg_peft.selection.registry import METHODS, selector, settings_of
 from medseg_peft.selection.rules import global_top, topk_per_row
 from medseg_peft.selection.selection import Entries, Selection
 from medseg_peft.selection.supcon import supcon_loss
 
-__all__ = ["Entries", "FPS", "Full", "GPS", "LoRA", "METHODS", "PRESETS", "Partial", "SPT", "Selection", "Selector", "assign_roles", "global_top", "supcon_loss", "selector", "topk_per_row"]
+__all__ = ["Entries", "FPS", "Full", "GPS", "LoRA", "METHODS", "PRESETS", "Partial", "SPT", "ScoredSelector", "Selection", "Selector",
+           "always_trained", "assign_roles", "global_top", "is_sam", "selector", "settings_of", "supcon_loss", "topk_per_row"]

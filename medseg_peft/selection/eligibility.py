@@ -44,6 +44,22 @@ PRESETS: dict[str, list[dict]] = {
 }
 
 _RULE_KEYS = {"match", "exclude", "min_ndim", "max_ndim", "role"}
+ENCODER = re.compile(r"(^|\.)image_encoder\.")
+HEAD = re.compile(r"(^|\.)head\.")
+
+
+def is_sam(model: torch.nn.Module) -> bool:
+    """The one test for "is this a SAM?": it has an ``image_encoder`` (possibly under a wrapper)."""
+    return any(ENCODER.search(n) for n, _ in model.named_parameters())
+
+
+def always_trained(model: torch.nn.Module) -> list[str]:
+    """What every method here trains whole (GPS's rule): outside SAM's image encoder (prompt encoder and
+    mask decoder), or a classifier's ``head``."""
+    names = [n for n, _ in model.named_parameters()]
+    if is_sam(model):
+        return [n for n in names if not ENCODER.search(n)]
+    return [n for n in names if HEAD.search(n)]
 
 
 def resolve_rules(eligibility: str | Sequence[Mapping] | None, model: torch.nn.Module | None = None) -> list[dict]:
@@ -51,8 +67,7 @@ def resolve_rules(eligibility: str | Sequence[Mapping] | None, model: torch.nn.M
     if eligibility is None or eligibility == "auto":
         if model is None:
             raise ValueError("eligibility 'auto' needs the model to look at")
-        is_sam = any(re.search(r"(^|\.)image_encoder\.", n) for n, _ in model.named_parameters())
-        eligibility = "sam" if is_sam else "vit"
+        eligibility = "sam" if is_sam(model) else "vit"
     if isinstance(eligibility, str):
         if eligibility not in PRESETS:
             raise ValueError(f"unknown eligibility preset {eligibility!r}; known presets: {sorted(PRESETS)} (or 'auto', or a list of rules)")

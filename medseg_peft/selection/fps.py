@@ -16,14 +16,14 @@ has its own activation mean; eval mode (no dropout / drop-path) for a determinis
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import Selector, model_device
+from medseg_peft.selection.base import ScoredSelector, model_device
 from medseg_peft.selection.selection import row_view_shape
 
 log = logging.getLogger("medseg_peft")
@@ -31,8 +31,10 @@ log = logging.getLogger("medseg_peft")
 _SCORED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class _InputMeans:
-    """Running sum of ``|input feature|`` of one layer; the only thing FPS keeps per layer."""
+class _InputSums:
+    """Running sum of ``|input feature|`` of one layer, and how many feature vectors it saw: all FPS
+    keeps per layer. Sums are float64, so a sum over ranks equals the sum over all batches to within
+    rounding far below the float32 scores."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -51,39 +53,39 @@ class _InputMeans:
             per_channel = x.transpose(0, 1).reshape(c, -1) if x.ndim == module.weight.ndim else x.reshape(c, -1)
             taps = module.weight[0, 0].numel()
             feats = per_channel.t().repeat_interleave(taps, dim=1)
-        part = feats.abs().sum(0, dtype=torch.float32)  # 5x faster on CPU than linalg.vector_norm(ord=1)
+        part = feats.abs().sum(0, dtype=torch.float32).double()  # 5x faster on CPU than linalg.vector_norm(ord=1)
         self.sum = part if self.sum is None else self.sum + part
         self.count += feats.shape[0]
 
-    def mean(self) -> torch.Tensor | None:
-        return None if self.sum is None else self.sum / self.count
+
+COUNT = "count:"  # statistics key prefix of a layer's feature count, beside its sum (keyed by the weight's name)
 
 
-class FPS(Selector):
+class FPS(ScoredSelector):
     """Forward-only selection: ``|W| * mean |x|``, top-K per output row.
 
     Args:
         k: entries per output row (``k=1`` gives GPS's 0.2 % of a ViT-B).
         train_mode: score with the model in train mode (dropout active); default eval mode.
-        see :class:`~medseg_peft.selection.base.Selector` for ``eligibility``, ``max_batches``, ``seed``.
+        eligibility, max_batches, seed: see :class:`~medseg_peft.selection.base.ScoredSelector`.
     """
 
     method = "fps"
 
-    def __init__(self, k: int = 1, *, train_mode: bool = False, **kwargs):
-        super().__init__(k, **kwargs)
+    def __init__(self, k: int = 1, *, train_mode: bool = False, eligibility: str | Sequence[Mapping] = "auto",
+                 max_batches: int | None = None, seed: int | None = 0):
+        super().__init__(k, eligibility=eligibility, max_batches=max_batches, seed=seed)
         self.train_mode = train_mode
 
     def hparams(self) -> dict:
         return {**super().hparams(), "train_mode": self.train_mode}
 
-    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        params = dict(model.named_parameters())
-        consumers: dict[str, _InputMeans] = {}
+    def statistics(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> dict[str, torch.Tensor]:
+        consumers: dict[str, _InputSums] = {}
         for mname, module in model.named_modules():
             wname = f"{mname}.weight" if mname else "weight"
             if isinstance(module, _SCORED_MODULES) and wname in selectable and wname not in consumers:
-                consumers[wname] = _InputMeans(module)
+                consumers[wname] = _InputSums(module)
         handles = [c.module.register_forward_pre_hook(c) for c in consumers.values()]
         was_training = model.training
         model.train(self.train_mode)
@@ -95,19 +97,25 @@ class FPS(Selector):
             for h in handles:
                 h.remove()
             model.train(was_training)
-        return self._score_each(params, consumers, selectable)
+        stats: dict[str, torch.Tensor] = {}
+        for name, c in consumers.items():
+            if c.sum is not None:
+                stats[name] = c.sum
+                stats[COUNT + name] = torch.tensor(float(c.count), dtype=torch.float64, device=c.sum.device)
+        return stats
 
-    @staticmethod
-    def _score_each(params, consumers, selectable) -> Iterator[tuple[str, torch.Tensor]]:
+    def scores(self, model: nn.Module, stats: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        params = dict(model.named_parameters())
+        modules = dict(model.named_modules())
         for name in selectable:
             w = params[name].detach()
-            means = consumers[name].mean() if name in consumers else None
-            if means is None:
+            if name not in stats:
                 log.warning("FPS: %s saw no input during the forward pass (not a Linear/Conv weight, or unused); scoring it by |W| alone", name)
                 yield name, w.abs()
                 continue
+            means = (stats[name] / stats[COUNT + name]).float()
             rows, cols = row_view_shape(tuple(w.shape))
-            groups = getattr(consumers[name].module, "groups", 1)
+            groups = getattr(modules[name.rpartition(".")[0]], "groups", 1)
             per_group = means.reshape(groups, cols)  # group g's input features feed rows of group g
             act = per_group.repeat_interleave(rows // groups, dim=0)
             yield name, (w.reshape(rows, cols).abs().float() * act).reshape(w.shape)

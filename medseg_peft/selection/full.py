@@ -7,9 +7,8 @@ parametrization) and tables compare against the real thing.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable
 
-import torch
 from torch import nn
 
 from medseg_peft.selection.base import Selector
@@ -22,17 +21,14 @@ class Full(Selector):
     method = "full"
 
     def __init__(self, *, seed: int | None = 0):
-        super().__init__(1, seed=seed)
+        super().__init__(seed=seed)
 
     def hparams(self) -> dict:
         return {}
 
-    def select(self, model: nn.Module, batches: Iterable = ()) -> Selection:
+    def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
         entries = {n: Entries(WHOLE, tuple(p.shape)) for n, p in model.named_parameters()}
         return Selection(entries, sum(p.numel() for p in model.parameters()), self.method, self.hparams())
-
-    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(())
 
     def apply(self, model: nn.Module, selection: Selection) -> nn.Module:
         selection.check_model(dict(model.named_parameters()))

@@ -18,14 +18,14 @@ Losses:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import Selector, gradients_for, model_device
+from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device
 from medseg_peft.selection.supcon import supcon_loss
 
 LOSSES = ("supcon", "ce")
@@ -63,7 +63,7 @@ def pre_head_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return seen[0].flatten(1)
 
 
-class GPS(Selector):
+class GPS(ScoredSelector):
     """Gradient-based selection: ``|sum of gradients|``, top-K per output row.
 
     Args:
@@ -75,7 +75,7 @@ class GPS(Selector):
         feature_fn: ``(model, x) -> features`` for SupCon on a model that is not a timm classifier.
         train_mode: score with the model in train mode (the reference; drop-path active).
         amp: autocast the forward to bfloat16 on CUDA (the reference uses AMP); gradients stay fp32.
-        see :class:`~medseg_peft.selection.base.Selector` for ``eligibility``, ``max_batches``, ``seed``.
+        eligibility, max_batches, seed: see :class:`~medseg_peft.selection.base.ScoredSelector`.
     """
 
     method = "gps"
@@ -90,9 +90,11 @@ class GPS(Selector):
         feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
         train_mode: bool = True,
         amp: bool = False,
-        **kwargs,
+        eligibility: str | Sequence[Mapping] = "auto",
+        max_batches: int | None = None,
+        seed: int | None = 0,
     ):
-        super().__init__(k, **kwargs)
+        super().__init__(k, eligibility=eligibility, max_batches=max_batches, seed=seed)
         if not callable(loss) and loss not in LOSSES:
             raise ValueError(f"GPS loss must be one of {LOSSES} or a callable (outputs, targets) -> loss, got {loss!r}")
         self.loss = loss
@@ -117,9 +119,9 @@ class GPS(Selector):
             raise ValueError(f"GPS(loss={self.loss!r}) needs targets, but the selection batches carry none")
         return F.cross_entropy(out, y) if self.loss == "ce" else self.loss(out, y)
 
-    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def statistics(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The signed gradient sums (summed over ranks before the absolute value is taken)."""
         device = model_device(model)
-        grads: dict[str, torch.Tensor] = {}
         with gradients_for(model, selectable, self.train_mode) as params:
             for x, y in iter_batches(batches, device, self.max_batches):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda"):
@@ -127,7 +129,7 @@ class GPS(Selector):
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"GPS: the selection loss is {loss.item()}; check the inputs and the loss")
                 loss.backward()
-            for n in selectable:
-                g = params[n].grad
-                grads[n] = torch.zeros_like(params[n]) if g is None else g.abs_()
-        return iter(grads.items())
+            return {n: torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad for n in selectable}
+
+    def scores(self, model: nn.Module, stats: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((n, stats[n].abs()) for n in selectable)

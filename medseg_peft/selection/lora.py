@@ -10,22 +10,15 @@ selection against LoRA on equal terms.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable
 
-import torch
 from torch import nn
 
 from medseg_peft.selection.base import Selector, model_device, seeded
+from medseg_peft.selection.eligibility import always_trained
 from medseg_peft.selection.selection import LORA, WHOLE, Entries, Selection
 
 DEFAULT_TARGETS = r"(^|\.)blocks\.\d+\.attn\.qkv\.weight$"
-
-
-def default_whole(model: nn.Module) -> str:
-    """SAM: everything outside the image encoder; otherwise a classifier head."""
-    if any(re.search(r"(^|\.)image_encoder\.", n) for n, _ in model.named_parameters()):
-        return r"^(?!(.*\.)?image_encoder\.)"
-    return r"(^|\.)head\."
 
 
 class LoRA(Selector):
@@ -42,7 +35,7 @@ class LoRA(Selector):
     method = "lora"
 
     def __init__(self, rank: int = 4, *, targets: str = DEFAULT_TARGETS, train_whole: str | None = "auto", seed: int | None = 0):
-        super().__init__(1, seed=seed)
+        super().__init__(seed=seed)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
         self.rank = rank
@@ -52,18 +45,18 @@ class LoRA(Selector):
     def hparams(self) -> dict:
         return {"rank": self.rank, "targets": self.targets, "train_whole": self.train_whole, "seed": self.seed}
 
-    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(())
-
-    def select(self, model: nn.Module, batches: Iterable = ()) -> Selection:
-        whole = default_whole(model) if self.train_whole == "auto" else self.train_whole
+    def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
+        if self.train_whole == "auto":
+            whole = set(always_trained(model))
+        else:
+            whole = {n for n, _ in model.named_parameters() if self.train_whole and re.search(self.train_whole, n)}
         entries: dict[str, Entries] = {}
         for name, p in model.named_parameters():
             if p.ndim >= 2 and re.search(self.targets, name):
                 if self.rank > min(p.shape[0], p[0].numel()):
                     raise ValueError(f"LoRA rank {self.rank} exceeds the smaller side of {name} {tuple(p.shape)}")
                 entries[name] = Entries(LORA, tuple(p.shape), rank=self.rank)
-            elif whole and re.search(whole, name):
+            elif name in whole:
                 entries[name] = Entries(WHOLE, tuple(p.shape))
         if not any(e.layout == LORA for e in entries.values()):
             raise ValueError(f"LoRA targets {self.targets!r} match no weight of this {type(model).__name__}")

@@ -33,13 +33,15 @@ import logging
 import math
 import re
 from itertools import islice
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
+from medseg_peft.distributed import average_gradients
+from medseg_peft.selection.eligibility import always_trained
 from medseg_peft.selection.base import Selector, model_device, seeded
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
@@ -47,7 +49,6 @@ log = logging.getLogger("medseg_peft")
 
 UNIT = re.compile(r"(^|\.)blocks\.(\d+)\.(attn|mlp)\.")
 BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
-ENCODER = re.compile(r"(^|\.)image_encoder\.")
 STRATEGIES = ("attn", "ffn", "attn_first_half", "attn_last_half", "ffn_first_half", "ffn_last_half", "last_blocks:N", "norm_bias")
 ORDERS = ("largest", "smallest")
 _GLOB_CHARS = set("*?[")
@@ -73,14 +74,6 @@ def unit_block(unit: str) -> int:
 
 def unit_kind(unit: str) -> str:
     return UNIT.search(unit + ".").group(3)
-
-
-def always_trained(model: nn.Module) -> list[str]:
-    """What every method here trains whole: outside SAM's image encoder, or a classifier's ``head``."""
-    names = [n for n, _ in model.named_parameters()]
-    if any(ENCODER.search(n) for n in names):
-        return [n for n in names if not ENCODER.search(n)]
-    return [n for n in names if re.search(r"(^|\.)head\.", n)]
 
 
 def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]:
@@ -185,7 +178,10 @@ class Partial(Selector):
         max_batches: int | None = None,
         seed: int | None = 0,
     ):
-        super().__init__(1, max_batches=max_batches, seed=seed)
+        super().__init__(seed=seed)
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
+            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        self.max_batches = max_batches
         if (strategy is None) == (angle_top is None):
             raise ValueError(
                 "Partial needs exactly one of strategy= (a strategy name or a list of globs) and angle_top= "
@@ -199,8 +195,7 @@ class Partial(Selector):
             raise ValueError(f"probe_steps must be a positive integer, got {probe_steps!r}")
         if not probe_lr > 0:
             raise ValueError(f"probe_lr must be positive, got {probe_lr!r}")
-        # the loss is only used by the probe: a shared bundle pool may pass another method's loss name
-        if angle_top is not None and not callable(loss) and loss != "ce":
+        if not callable(loss) and loss != "ce":
             raise ValueError(f"Partial's angle probe needs loss='ce' or a callable (outputs, targets) -> loss, got {loss!r}")
         self.strategy = strategy if strategy is None or isinstance(strategy, str) else list(strategy)
         self.angle_top, self.order = angle_top, order
@@ -213,14 +208,7 @@ class Partial(Selector):
                 "probe_lr": self.probe_lr, "loss": loss, "train_head": self.train_head, "max_batches": self.max_batches,
                 "seed": self.seed}
 
-    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(())  # Partial chooses whole layers in select(); nothing is scored per entry
-
-    def select(self, model: nn.Module, batches: Iterable = ()) -> Selection:
-        from medseg_peft.tuning.attach import is_attached
-
-        if is_attached(model):
-            raise ValueError("select() needs the base model; this one already has attached deltas")
+    def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
         if self.strategy is not None:
             names = strategy_names(model, self.strategy)
         else:
@@ -257,6 +245,7 @@ class Partial(Selector):
                 raise FloatingPointError(f"Partial angle probe: the loss is {loss.item()} at step {step}; check the inputs, loss and probe_lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(probe.parameters())  # under torchrun: one data-parallel probe, the same on every rank
             opt.step()
         before, after = dict(model.named_parameters()), dict(probe.named_parameters())
         angles = {u: angle([before[n] for n in ns], [after[n] for n in ns]) for u, ns in units.items()}

@@ -1,43 +1,36 @@
-"""Methods by name, so a bundle swaps the method with one string key (``--method gps``).
+"""Methods by name (``mp.selector("gps", k=1)``), for code that picks a method from a string.
 
-Every method takes the settings it understands from one shared pool (``k``, ``loss``, ``seed``, ...);
-the rest are ignored, so the same bundle keys serve every method. Adding a method is one new module
-plus one line here.
+``METHODS`` fills itself: every ``Selector`` subclass that names its ``method`` registers on import
+(``selection.base``). Settings are passed to the method's constructor as they are, so a setting the
+method does not take is an error naming the settings it does take, never silently dropped.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from medseg_peft.selection.base import Selector
-from medseg_peft.selection.fps import FPS
-from medseg_peft.selection.full import Full
-from medseg_peft.selection.gps import GPS
-from medseg_peft.selection.lora import LoRA
-from medseg_peft.selection.partial import Partial
-from medseg_peft.selection.spt import SPT
+from medseg_peft.selection.base import METHODS, Selector
 
-METHODS: dict[str, type[Selector]] = {"fps": FPS, "gps": GPS, "full": Full, "lora": LoRA, "spt": SPT, "partial": Partial}
+# the built-in methods register themselves by being imported
+from medseg_peft.selection import fps, full, gps, lora, partial, spt  # noqa: F401,E402
 
 
-def _accepted(cls: type) -> set[str]:
-    """Keyword names ``cls(...)`` takes: its own, and its bases' as far as ``**kwargs`` passes them on."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return names - {"self"}
+def settings_of(cls: type[Selector]) -> list[str]:
+    """The keyword settings ``cls(...)`` takes."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def selector(method: str, **settings) -> Selector:
-    """The selector named ``method``, built from the ``settings`` it accepts."""
+    """The selector named ``method`` built from ``settings``; unknown methods and settings are errors."""
     key = str(method).lower()
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
     cls = METHODS[key]
-    accepted = _accepted(cls)
-    return cls(**{k: v for k, v in settings.items() if k in accepted})
+    unknown = sorted(set(settings) - set(settings_of(cls)))
+    if unknown:
+        raise TypeError(f"{cls.__name__} ({key!r}) takes no setting(s) {unknown}; its settings are {settings_of(cls)}")
+    return cls(**settings)
+
+
+__all__ = ["METHODS", "selector", "settings_of"]

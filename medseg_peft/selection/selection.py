@@ -8,6 +8,7 @@ inspected and re-applied to a fresh copy of the base model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,17 @@ class Selection:
         ]
         if wrong:
             raise ValueError(f"selection and {what} disagree on parameter shapes: {wrong[:5]}")
+
+    def digest(self) -> str:
+        """A SHA-256 of everything that defines the selection (method, settings, layouts, indices):
+        equal digests on two ranks or two runs mean the same entries are trained."""
+        h = hashlib.sha256(json.dumps({"method": self.method, "hparams": self.hparams, "total": self.total_params}, sort_keys=True, default=str).encode())
+        for name in sorted(self.entries):
+            e = self.entries[name]
+            h.update(json.dumps([name, entry_meta(e)], sort_keys=True).encode())
+            if e.index is not None:
+                h.update(e.index.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

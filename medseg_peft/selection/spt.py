@@ -17,7 +17,6 @@ With ``structured="adapter"`` a matrix gets a bottleneck adapter on its layer's 
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -25,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import Selector, gradients_for, model_device
-from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN
+from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device
+from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN, is_sam
 from medseg_peft.selection.selection import ADAPTER, FLAT, LORA, WHOLE, Entries, row_view_shape
 
 SPT_PRESETS: dict[str, list[dict]] = {
@@ -92,7 +91,7 @@ def _ranked_top(flat: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[torch.sort(flat[candidates], descending=True, stable=True).indices]
 
 
-class SPT(Selector):
+class SPT(ScoredSelector):
     """Sensitivity-aware selection with a global budget and structured (LoRA) upgrades.
 
     Args:
@@ -136,19 +135,15 @@ class SPT(Selector):
         return {"budget": self.budget, "structured": self.structured, "rank": self.rank, "alpha": self.alpha, "beta": self.beta,
                 "loss": loss, "train_mode": self.train_mode, "eligibility": self.eligibility, "max_batches": self.max_batches, "seed": self.seed}
 
-    def select(self, model: nn.Module, batches: Iterable):
+    def rules(self, model: nn.Module) -> str | Sequence[Mapping]:
         if self.eligibility == "auto":
-            is_sam = any(re.search(r"(^|\.)image_encoder\.", n) for n, _ in model.named_parameters())
-            rules = SPT_PRESETS["spt_sam" if is_sam else "spt_vit"]
-        else:
-            rules = SPT_PRESETS.get(self.eligibility, self.eligibility) if isinstance(self.eligibility, str) else self.eligibility
-        saved, self.eligibility = self.eligibility, rules
-        try:
-            return super().select(model, batches)
-        finally:
-            self.eligibility = saved
+            return SPT_PRESETS["spt_sam" if is_sam(model) else "spt_vit"]
+        if isinstance(self.eligibility, str):
+            return SPT_PRESETS.get(self.eligibility, self.eligibility)
+        return self.eligibility
 
-    def scores(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def statistics(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per entry, the sum over batches of the squared batch-loss gradient (fp32)."""
         with gradients_for(model, selectable, self.train_mode) as params:
             sens = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in selectable}
             for x, y in iter_batches(batches, model_device(model), self.max_batches):
@@ -160,7 +155,7 @@ class SPT(Selector):
                 for n, g in zip(selectable, grads):
                     if g is not None:
                         sens[n] += g.float() ** 2
-        return iter(sens.items())
+        return sens
 
     def _closest_n(self, ranked_owner: torch.Tensor, names: list[str], shapes: dict) -> int:
         """The n (within the ranked prefix) whose trained total is closest to the budget; ties to the larger n."""

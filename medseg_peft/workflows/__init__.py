@@ -1,5 +1,21 @@
-"""What bundles reference: MONAI handlers, metrics, schedules and the glue between config keys and objects (polyp, organ)."""
+"""What bundles reference: the shared skeleton (``bundle``), metrics, schedules and the per-task glue (polyp, organ)."""
 
+from medseg_peft.workflows.bundle import (
+    Checkpoints,
+    destroy_distributed,
+    given,
+    init_distributed,
+    local_rank,
+    method_name,
+    on_main_process,
+    resolve_device,
+    select_or_resume,
+    train,
+    train_handlers,
+    unwrap,
+    validation_handlers,
+    world_size,
+)
 from medseg_peft.workflows.contour_sheet import contour_sheet
 from medseg_peft.workflows.metrics import (
     PerClassScores,
@@ -12,13 +28,13 @@ from medseg_peft.workflows.metrics import (
     per_image_scores,
 )
 from medseg_peft.workflows.organ import num_outputs, organ_data, organ_loss, organ_network, organ_postprocessing, volume_inputs
-from medseg_peft.workflows.polyp import polyp_data, polyp_network, resolve_device
+from medseg_peft.workflows.polyp import polyp_data, polyp_network
 from medseg_peft.workflows.report import RunReport
-from medseg_peft.workflows.resume import resume_from_checkpoint
 from medseg_peft.workflows.schedule import warmup_cosine
-from medseg_peft.workflows.tuned_state import TunedState, load_tuned, save_tuned, select_or_resume
+from medseg_peft.workflows.tuned_state import TunedState, load_tuned, save_tuned
 
 __all__ = [
+    "Checkpoints",
     "PerClassScores",
     "RunReport",
     "TunedState",
@@ -26,6 +42,12 @@ __all__ = [
     "class_dice_handler",
     "class_iou_handler",
     "contour_sheet",
+    "destroy_distributed",
+    "given",
+    "init_distributed",
+    "local_rank",
+    "method_name",
+    "on_main_process",
     "label_map",
     "load_tuned",
     "mean_dice_handler",
@@ -39,9 +61,13 @@ __all__ = [
     "polyp_data",
     "polyp_network",
     "resolve_device",
-    "resume_from_checkpoint",
     "save_tuned",
     "select_or_resume",
+    "train",
+    "train_handlers",
+    "unwrap",
+    "validation_handlers",
     "volume_inputs",
     "warmup_cosine",
+    "world_size",
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medseg_peft.workflows.polyp import _given
+from medseg_peft.workflows.bundle import given
 
 log = logging.getLogger("medseg_peft")
 
@@ -37,7 +37,7 @@ def classification_recipe(task: str | None = None, method: str = "gps", **overri
     """The effective settings: the task's GPS recipe (SPT's own for ``method="spt"``), then the given overrides."""
     from medseg_peft.recipes import load_recipe
 
-    if not _given(task):
+    if not given(task):
         recipe = dict(SYNTHETIC_RECIPE)
     else:
         full = load_recipe(task)
@@ -47,7 +47,7 @@ def classification_recipe(task: str | None = None, method: str = "gps", **overri
             recipe.update({k: v for k, v in full["spt"].items() if k != "budgets"})
         recipe.setdefault("image_size", 224)
         recipe["budget"] = 400_000  # SPT picks 0.2-0.8 M per task on validation (full["spt"]["budgets"]); the middle
-    recipe.update({k: v for k, v in overrides.items() if _given(v)})
+    recipe.update({k: v for k, v in overrides.items() if given(v)})
     return recipe
 
 
@@ -60,7 +60,7 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
         raise ValueError(f"split_mode must be 'test' (train on train+val, evaluate on test) or 'val', got {split_mode!r}")
     if recipe["task"] == SYNTHETIC_RECIPE["task"]:
         folder = make_synthetic_vtab("counting", seed=seed)
-    elif not _given(data_root):
+    elif not given(data_root):
         raise ValueError(f"task {recipe['task']!r} needs data_root: the folder holding {recipe['folder']}/ "
                          f"({'VTAB-1k split files' if recipe['benchmark'] == 'vtab' else 'FGVC JSON splits'})")
     else:
@@ -79,7 +79,7 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
     return {"train": train, "eval": evaluation, "source": str(folder)}
 
 
-def classification_transforms(recipe: dict, train: bool, views: int = 1):
+def classification_transforms(recipe: dict, train: bool, views: int = 1, image_size: int | None = None):
     """The papers' transforms: VTAB a bicubic squash to the input size, no augmentation; FGVC random-resized
     crop (random interpolation) + flip for training, bicubic resize to floor(size / 0.9) (248 for 224, timm's crop_pct 0.9) + centre
     crop for evaluation.
@@ -89,7 +89,7 @@ def classification_transforms(recipe: dict, train: bool, views: int = 1):
     """
     from torchvision import transforms as T
 
-    size = int(recipe["image_size"])
+    size = int(image_size if given(image_size) else recipe["image_size"])
     mean, std = NORMALISATION[recipe.get("normalisation", "inception")]
     tail = [T.ToTensor(), T.Normalize(mean, std)]
     if views == 2:
@@ -131,12 +131,12 @@ def classification_network(recipe: dict, pretrained: str | None = None, arch: st
     from medseg_peft.models.vit import DEFAULT_ARCH, build_vit, demo_vit
 
     c, dp = recipe["num_classes"], float(recipe.get("drop_path") or 0.0)
-    if recipe["task"] == SYNTHETIC_RECIPE["task"] and not _given(pretrained) and not _given(arch):
+    if recipe["task"] == SYNTHETIC_RECIPE["task"] and not given(pretrained) and not given(arch):
         return demo_vit(c, dp)
-    if not _given(pretrained):
+    if not given(pretrained):
         log.warning("no pretrained file given: %s starts from random weights (pass --pretrained "
                     "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz or ViT-B_16.npz)", arch or DEFAULT_ARCH)
-    return build_vit(arch if _given(arch) else DEFAULT_ARCH, c, pretrained if _given(pretrained) else None, dp)
+    return build_vit(arch if given(arch) else DEFAULT_ARCH, c, pretrained if given(pretrained) else None, dp)
 
 
 def classification_loss(recipe: dict) -> nn.Module:
@@ -204,9 +204,9 @@ def top1_metric():
     return Accuracy(output_transform=lambda out: (out["pred"].float(), out["label"])) * 100.0
 
 
-def classification_optimizer(recipe: dict, params) -> torch.optim.Optimizer:
-    """Adam with no weight decay (GPS's scripts), or AdamW with the recipe's decay (SPT's)."""
-    lr, wd = float(recipe["lr"]), float(recipe.get("weight_decay") or 0.0)
+def classification_optimizer(recipe: dict, params, lr: float | None = None) -> torch.optim.Optimizer:
+    """Adam with no weight decay (GPS's scripts), or AdamW with the recipe's decay (SPT's); ``lr`` overrides the recipe's."""
+    lr, wd = float(lr if given(lr) else recipe["lr"]), float(recipe.get("weight_decay") or 0.0)
     if recipe.get("optimizer", "adam") == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     return torch.optim.Adam(params, lr=lr, weight_decay=wd)

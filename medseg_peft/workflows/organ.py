@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-from medseg_peft.workflows.polyp import _given
+from medseg_peft.workflows.bundle import given
 
 log = logging.getLogger("medseg_peft")
 
@@ -28,15 +28,15 @@ def organ_data(dataset_dir: str | None = None, classes: Sequence[str] | Mapping 
     from medseg_peft.data.volume_folders import volume_datalists
     from medseg_peft.data.volume_io import check_volume_pair
 
-    if _given(dataset_dir):
+    if given(dataset_dir):
         root, source = dataset_dir, str(dataset_dir)
     else:
         root = make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
         source = f"synthetic CT organs ({synthetic_volumes} labelled volumes) in {root}"
         log.info("no dataset_dir given: using %s", source)
-    data = volume_datalists(root, classes=classes if _given(classes) else None, val_fraction=val_fraction, seed=seed)
+    data = volume_datalists(root, classes=classes if given(classes) else None, val_fraction=val_fraction, seed=seed)
     allowed = [0, *data["classes"]]
-    channel = int(channel) if _given(channel) else None
+    channel = int(channel) if given(channel) else None
     for item in data["train"] + data["val"]:
         check_volume_pair(item["image"], item["label"], classes=allowed, channel=channel)
     log.info("data: %d training and %d validation volumes, classes %s, from %s",
@@ -111,16 +111,16 @@ def volume_inputs(dataset_dir: str | None = None, classes: Sequence[str] | Mappi
     from medseg_peft.data.volume_folders import class_names, msd_class_names
     from medseg_peft.data.volume_io import check_channels, list_volumes, read_geometry
 
-    root = Path(dataset_dir).expanduser() if _given(dataset_dir) else make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
+    root = Path(dataset_dir).expanduser() if given(dataset_dir) else make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
     images = list_volumes(root)
-    if _given(classes):
+    if given(classes):
         names = class_names(classes)
     elif (root / "dataset.json").is_file():
         names = msd_class_names(root)
     else:
         raise ValueError(f"{root} has no dataset.json to name the classes: pass the names the model was trained with, "
                          "e.g. --classes \"['liver', 'spleen']\"")
-    channel = int(channel) if _given(channel) else None
+    channel = int(channel) if given(channel) else None
     for path in images:
         check_channels(read_geometry(path), channel)
     log.info("3D inference on %d volumes from %s, classes %s", len(images), root, names)

@@ -1,4 +1,4 @@
-"""Glue the polyp bundles call: data lists (real or the synthetic default), the network, the device.
+"""Glue the polyp bundles call: data lists (real or the synthetic default) and the network.
 
 Each function turns the bundle's top-level user keys into one object, so the JSON stays a readable
 list of MONAI components and every decision (what "no dataset_dir" means, which SAM to build) lives in
@@ -10,26 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from medseg_peft.workflows.bundle import given
+
 log = logging.getLogger("medseg_peft")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: the first CUDA device when there is one, else the CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for, but this machine has no CUDA device; use 'cpu' or 'auto'")
-    return dev
-
-
-def _given(value) -> bool:
-    return value not in (None, "", "None", "null")
 
 
 def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: int = 0, synthetic_images: int = 240, synthetic_size: int = 160) -> dict:
@@ -40,7 +25,7 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
     """
     from medseg_peft.data import make_synthetic_polyps, polyp_datalists
 
-    if _given(dataset_dir):
+    if given(dataset_dir):
         root = Path(dataset_dir).expanduser()
         source = str(root)
     else:
@@ -59,11 +44,11 @@ def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b",
     """
     from medseg_peft.models import demo_segmenter, sam_segmenter
 
-    if _given(sam_checkpoint):
-        net = sam_segmenter(sam_variant, sam_checkpoint, image_size if _given(image_size) else None, **wrapper)
+    if given(sam_checkpoint):
+        net = sam_segmenter(sam_variant, sam_checkpoint, image_size if given(image_size) else None, **wrapper)
         log.info("SAM %s from %s at %d px", sam_variant, sam_checkpoint, net.image_size)
         return net
-    net = demo_segmenter(image_size if _given(image_size) else None, **wrapper)
+    net = demo_segmenter(image_size if given(image_size) else None, **wrapper)
     log.warning(
         "no sam_checkpoint given: using the embedded demo model (a small SAM-architecture network pretrained on "
         "synthetic shapes, not Meta's SAM) at %d px; pass --sam_checkpoint sam_vit_b_01ec64.pth for the real one",

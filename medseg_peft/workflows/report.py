@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from medseg_peft.distributed import is_main_process
 from medseg_peft.tuning import is_attached, tuning_state
 from medseg_peft.workflows.tuned_state import save_tuned
 
@@ -57,6 +58,9 @@ class RunReport:
         self._seconds_before = self.data["seconds"]
 
     def attach(self, evaluator: Engine) -> None:
+        """Rank 0 only under torchrun: the evaluator's metrics are already reduced over all ranks."""
+        if not is_main_process():
+            return
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.on_validation)
         self.trainer.add_event_handler(Events.COMPLETED, self.on_training_done)
 

@@ -2,31 +2,23 @@
 
 A resumable checkpoint of a sparse run must not carry the frozen base (360 MB for SAM ViT-B every
 epoch); it needs the delta values, the optimizer, the scheduler and the engine state. The selection
-itself is written once, beside the checkpoints, so a resumed run re-attaches exactly the same entries
-instead of selecting again.
+itself is written once, beside the checkpoints (``workflows.bundle.select_or_resume``), so a resumed
+run re-attaches exactly the same entries instead of selecting again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from itertools import islice
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
 from medseg_peft.io import atomic_save_safetensors
-from medseg_peft.selection.base import Selector
-from medseg_peft.selection.selection import Selection
 from medseg_peft.tuning import is_attached, save_delta, tuning_state
 
 log = logging.getLogger("medseg_peft")
-
-SELECTION_FILE = "selection.safetensors"
-
 
 class TunedState:
     """``state_dict`` / ``load_state_dict`` over the trainable part: delta values, or all weights for full FT."""
@@ -53,27 +45,6 @@ class TunedState:
         with torch.no_grad():
             for key, values in state.items():
                 targets[key].copy_(values)
-
-
-def select_or_resume(method: Selector, network: nn.Module, batches: Iterable, output_dir: str | Path, max_batches: int | None = None) -> nn.Module:
-    """Select on the first ``max_batches`` batches and attach; or re-attach the selection a previous run saved.
-
-    The selection is saved to ``output_dir/selection.safetensors`` before training starts, so an
-    interrupted run resumes with the very same entries (GPS / FPS scores depend on the batches seen).
-    """
-    path = Path(output_dir) / SELECTION_FILE
-    if path.is_file():
-        selection = Selection.load(path)
-        if selection.method != method.method:
-            raise ValueError(f"{path} was made by {selection.method!r}, this run uses {method.method!r}; pick another output_dir")
-        log.info("resuming with the selection saved in %s", path)
-    else:
-        start = time.perf_counter()
-        selection = method.select(network, islice(batches, max_batches))
-        log.info("selection by %s took %.1f s", method.method, time.perf_counter() - start)
-        selection.save(path)
-    log.info("\n%s", selection.summary())
-    return method.apply(network, selection)
 
 
 def save_tuned(network: nn.Module, path: str | Path) -> Path:
@@ -103,4 +74,4 @@ def load_tuned(network: nn.Module, path: str | Path) -> nn.Module:
     return load_delta(network, path)
 
 
-__all__ = ["SELECTION_FILE", "TunedState", "load_tuned", "save_tuned", "select_or_resume"]
+__all__ = ["TunedState", "load_tuned", "save_tuned"]

@@ -1,0 +1,262 @@
+"""The skeleton every task bundle shares, written once: device, ranks, selection, handlers, checkpoints, the run.
+
+The task bundles (``polyp_fps.json``, ``organ_fps.json``, ``classify.json``) keep only what differs
+between tasks (data, network, loss, metrics, their user keys) and MONAI's own trainer / evaluator
+components under the model-zoo IDs (``train#trainer``, ``validate#evaluator``, ...); everything they
+would otherwise repeat is a call into this module. That also puts every "rank 0 only" decision of a
+``torchrun`` run in one place: logging, TensorBoard, checkpoints, ``metrics.json`` and the best result
+file are written by rank 0, while the handlers every rank needs (the learning-rate schedule, the
+validation that all ranks run together) are attached everywhere. The ``multi_gpu.json`` layer only
+switches the process group, samplers and ``DistributedDataParallel`` on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from medseg_peft.distributed import barrier, broadcast_object, is_distributed, is_main_process, rank, world_size
+from medseg_peft.selection.base import Selector
+from medseg_peft.selection.selection import Selection
+
+log = logging.getLogger("medseg_peft")
+
+SELECTION_FILE = "selection.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def given(value) -> bool:
+    """Whether a bundle key holds a value (the CLI writes ``None`` / ``null`` / an empty string for none)."""
+    return value not in (None, "", "None", "null")
+
+
+# ---- devices and processes ---------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: this process's GPU when there is one (``cuda:LOCAL_RANK`` under torchrun), else the CPU;
+    ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "", "auto"):
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for, but this machine has no CUDA device; use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} was asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun's ``LOCAL_RANK``; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) and keep ranks > 0 quiet below WARNING."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("the multi-GPU layer runs under torchrun: torchrun --nproc_per_node=N -m monai.bundle run "
+                           "--config_file \"['bundles/polyp_fps.json','bundles/multi_gpu.json']\"")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    import ignite.distributed as idist
+
+    idist.get_rank()  # ignite's metrics and savers join the group lazily, with collectives: let every rank join now
+    if dist.get_rank() > 0:
+        for name in ("", "medseg_peft", "ignite", "monai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    log.info("process group: %d processes (%s), this is rank %d on %s",
+             dist.get_world_size(), dist.get_backend(), dist.get_rank(), device)
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` (or the network itself)."""
+    return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+
+
+# ---- selection ---------------------------------------------------------------------------------
+def method_name(selector_target) -> str:
+    """The method a bundle's ``selector`` runs, from its ``_target_`` (a dotted class path or the class):
+    names the output folder without building the selector."""
+    import pydoc
+
+    cls = pydoc.locate(selector_target) if isinstance(selector_target, str) else selector_target
+    if not (isinstance(cls, type) and issubclass(cls, Selector)):
+        raise ValueError(f"selector _target_ {selector_target!r} is not a medseg_peft selector class (e.g. medseg_peft.GPS)")
+    return cls.method
+
+
+def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, output_dir: str | Path,
+                     max_batches: int | None = None, method: str | None = None) -> nn.Module:
+    """Select on the first ``max_batches`` batches and attach; or re-attach the selection a previous run saved.
+
+    The selection is saved to ``output_dir/selection.safetensors`` before training starts, so an
+    interrupted run resumes with the very same entries (GPS / FPS scores depend on the batches seen).
+    Under torchrun every rank scores its own batches and the statistics are summed before the choice
+    (``Selector.select`` checks that all ranks chose the same); rank 0 saves it, and on resume rank 0's
+    saved file is sent to every rank, so each re-attaches exactly the saved entries.
+
+    ``method`` is the bundle's ``method`` key: a value other than the selector's own (a ``--method gps``
+    override of a bundle whose selector is FPS) is an error, since the method is chosen by a layer.
+    """
+    if given(method) and str(method).lower() != selector.method:
+        raise ValueError(
+            f"method={method!r} was given, but this bundle's selector is {selector!r}. A method is a layer: "
+            f"--config_file \"['<task bundle>.json','bundles/methods/{str(method).lower()}.json']\" "
+            f"(or --selector \"%bundles/methods/{str(method).lower()}.json#selector\")"
+        )
+    path = Path(output_dir) / SELECTION_FILE
+    saved = broadcast_object(Selection.load(path) if is_main_process() and path.is_file() else None)
+    if saved is not None:
+        if saved.method != selector.method:
+            raise ValueError(f"{path} was made by {saved.method!r}, this run uses {selector.method!r}; pick another output_dir")
+        selection = saved
+        log.info("resuming with the selection saved in %s", path)
+    else:
+        start = time.perf_counter()
+        selection = selector.select(network, islice(batches, max_batches))
+        log.info("selection by %s took %.1f s", selector.method, time.perf_counter() - start)
+        if is_main_process():
+            selection.save(path)
+    log.info("\n%s", selection.summary())
+    return selector.apply(network, selection)
+
+
+# ---- handlers ----------------------------------------------------------------------------------
+def train_handlers(lr_scheduler, validator, val_interval: int, output_dir: str | Path) -> list:
+    """Every rank: the per-iteration learning-rate schedule and validation (all ranks validate together).
+    Rank 0: the progress bar, the loss log and TensorBoard."""
+    from ignite.handlers import ProgressBar
+    from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
+
+    handlers = [
+        LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False),
+        ValidationHandler(validator=validator, interval=int(val_interval), epoch_level=True, exec_at_start=True),
+    ]
+    if is_main_process():
+        loss = from_engine(["loss"], first=True)
+        handlers += [
+            ProgressBar(persist=True, desc="train"),
+            StatsHandler(tag_name="train_loss", iteration_log=False, output_transform=loss),
+            TensorBoardStatsHandler(log_dir=str(Path(output_dir) / "tensorboard"), tag_name="train_loss", output_transform=loss),
+        ]
+    return handlers
+
+
+def validation_handlers(output_dir: str | Path, *every_rank) -> list:
+    """``every_rank`` handlers (e.g. per-class scores) plus, on rank 0, the metric log and TensorBoard."""
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler
+
+    handlers = list(every_rank)
+    if is_main_process():
+        handlers += [StatsHandler(iteration_log=False),
+                     TensorBoardStatsHandler(log_dir=str(Path(output_dir) / "tensorboard"), iteration_log=False)]
+    return handlers
+
+
+# ---- checkpoints and the run -------------------------------------------------------------------
+class Checkpoints:
+    """The resumable training state: only the tuned part of the network (``TunedState``), the optimizer,
+    the scheduler, the engine and any ``extra`` objects with a ``state_dict`` (e.g. EMA weights).
+
+    Rank 0 writes one checkpoint per epoch into ``<output_dir>/checkpoints`` (ignite's saver writes on rank 0
+    only); every rank resumes from
+    the file rank 0 found, so an ``output_dir`` shared by the nodes of a multi-node run is required
+    for resuming there.
+    """
+
+    def __init__(self, output_dir: str | Path, network: nn.Module, optimizer, lr_scheduler, extra: dict | None = None):
+        from medseg_peft.workflows.tuned_state import TunedState
+
+        self.directory = Path(output_dir) / CHECKPOINT_DIR
+        self.objects = {"deltas": TunedState(unwrap(network)), "optimizer": optimizer, "lr_scheduler": lr_scheduler, **(extra or {})}
+
+    def attach(self, trainer) -> None:
+        from monai.handlers import CheckpointSaver
+
+        self.objects["trainer"] = trainer
+        # built on every rank: ignite's saver writes on rank 0 only, and its set-up is a collective
+        CheckpointSaver(save_dir=str(self.directory), save_dict=self.objects, save_interval=1, n_saved=1, epoch_level=True).attach(trainer)
+
+    def last(self) -> Path | None:
+        found = sorted(self.directory.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
+    def resume(self, trainer) -> bool:
+        """Load the newest checkpoint now; return whether training epochs remain.
+
+        Loading happens before ``trainer.run()`` rather than at its STARTED event, so the validation that
+        runs at start already sees the restored deltas.
+        """
+        from monai.handlers import CheckpointLoader
+
+        self.objects["trainer"] = trainer
+        path = broadcast_object(str(self.last()) if is_main_process() and self.last() else None)
+        if path is None:
+            return True
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"rank {rank()} cannot read checkpoint {path} that rank 0 resumes from: "
+                                    "a resumed multi-node run needs an output_dir all nodes share")
+        max_epochs = trainer.state.max_epochs
+        CheckpointLoader(load_path=path, load_dict=self.objects)(trainer)
+        trainer.state.max_epochs = max_epochs  # a resumed run may be asked for more epochs
+        done = trainer.state.epoch
+        log.info("resumed from %s at epoch %d of %d", path, done, max_epochs)
+        if done >= max_epochs:
+            log.warning("this run already finished its %d epochs; delete %s (or raise --epochs) to train again", max_epochs, self.directory)
+            return False
+        return True
+
+
+def train(trainer, evaluator, report, checkpoints: Checkpoints) -> None:
+    """The run entry of every task bundle: report and checkpoints attached, resume, train."""
+    report.attach(evaluator)
+    checkpoints.attach(trainer)
+    if checkpoints.resume(trainer):
+        trainer.run()
+    barrier()
+
+
+def on_main_process(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 only (pictures and files written once)."""
+    return fn(*args, **kwargs) if is_main_process() else None
+
+
+__all__ = [
+    "Checkpoints",
+    "destroy_distributed",
+    "given",
+    "init_distributed",
+    "is_distributed",
+    "local_rank",
+    "method_name",
+    "on_main_process",
+    "resolve_device",
+    "select_or_resume",
+    "train",
+    "train_handlers",
+    "unwrap",
+    "validation_handlers",
+    "world_size",
+]
