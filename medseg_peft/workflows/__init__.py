@@ -2,6 +2,7 @@
 
 from medseg_peft.workflows.bundle import (
     Checkpoints,
+    check_shardable,
     destroy_distributed,
     given,
     init_distributed,
@@ -35,6 +36,7 @@ from medseg_peft.workflows.tuned_state import TunedState, load_tuned, save_tuned
 
 __all__ = [
     "Checkpoints",
+    "check_shardable",
     "PerClassScores",
     "RunReport",
     "TunedState",

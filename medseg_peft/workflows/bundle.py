@@ -83,6 +83,14 @@ def init_distributed(device: torch.device) -> None:
              dist.get_world_size(), dist.get_backend(), dist.get_rank(), device)
 
 
+def check_shardable(dataset, what: str) -> None:
+    """Every rank needs at least one item of ``dataset`` (a validation set is split without padding)."""
+    n, ranks = len(dataset), world_size()
+    if n < ranks:
+        raise ValueError(f"the {what} set has {n} item(s), fewer than the {ranks} processes that share it: "
+                         f"raise val_fraction (or add data), or run with --nproc_per_node {max(n, 1)}")
+
+
 def destroy_distributed() -> None:
     import torch.distributed as dist
 
@@ -245,6 +253,7 @@ def on_main_process(fn, *args, **kwargs):
 
 __all__ = [
     "Checkpoints",
+    "check_shardable",
     "destroy_distributed",
     "given",
     "init_distributed",
