@@ -7,12 +7,18 @@ method does not take is an error naming the settings it does take, never silentl
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 
+import medseg_peft.selection as _package
 from medseg_peft.selection.base import METHODS, Selector
 
-# the built-in methods register themselves by being imported
-from medseg_peft.selection import fps, full, gps, lora, partial, spt  # noqa: F401,E402
+
+def _import_methods() -> None:
+    """Import every module of this package, so each method in it registers (a new method is a new file)."""
+    for info in pkgutil.iter_modules(_package.__path__):
+        importlib.import_module(f"{_package.__name__}.{info.name}")
 
 
 def settings_of(cls: type[Selector]) -> list[str]:
@@ -24,6 +30,8 @@ def settings_of(cls: type[Selector]) -> list[str]:
 def selector(method: str, **settings) -> Selector:
     """The selector named ``method`` built from ``settings``; unknown methods and settings are errors."""
     key = str(method).lower()
+    if key not in METHODS:
+        _import_methods()
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
     cls = METHODS[key]

@@ -51,7 +51,7 @@ def is_attached(model: nn.Module) -> bool:
     return isinstance(getattr(model, STATE_ATTR, None), TuningState)
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, _, tensor_name = name.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), tensor_name
 
@@ -73,7 +73,7 @@ def _remove(model: nn.Module, state: TuningState) -> None:
     so the plain model's ``state_dict`` keys come out exactly as the base's."""
     owners = {}
     for name, delta in state.deltas.items():
-        module, tensor_name = _owner(model, name)
+        module, tensor_name = owner_of(model, name)
         if isinstance(delta, AdapterDelta):
             for key in [k for k, h in module._forward_hooks.items() if getattr(h, "__self__", None) is delta]:
                 del module._forward_hooks[key]
@@ -132,7 +132,7 @@ def attach(model: nn.Module, selection: Selection) -> nn.Module:
         module_name = name.rpartition(".")[0]
         order.setdefault(module_name, list((model.get_submodule(module_name) if module_name else model)._parameters))
     for name, entries in selection.entries.items():
-        module, tensor_name = _owner(model, name)
+        module, tensor_name = owner_of(model, name)
         delta = make_delta(entries, device=params[name].device)
         _register(module, tensor_name, delta)
         deltas[name] = delta
@@ -166,7 +166,7 @@ def merge(model: nn.Module) -> nn.Module:
     _remove(model, state)
     with torch.no_grad():
         for name, delta in state.deltas.items():
-            module, tensor_name = _owner(model, name)
+            module, tensor_name = owner_of(model, name)
             weight = getattr(module, tensor_name)
             state.base_values[name] = delta.gather(weight.detach()).clone()
             delta.add_to(weight.data, out=weight.data)
@@ -183,12 +183,12 @@ def unmerge(model: nn.Module) -> nn.Module:
         return model
     with torch.no_grad():
         for name, delta in state.deltas.items():
-            module, tensor_name = _owner(model, name)
+            module, tensor_name = owner_of(model, name)
             delta.put(getattr(module, tensor_name).data, state.base_values.pop(name))
     for p in model.parameters():
         p.requires_grad_(False)
     for name, delta in state.deltas.items():
-        module, tensor_name = _owner(model, name)
+        module, tensor_name = owner_of(model, name)
         _register(module, tensor_name, delta)
     state.merged = False
     return model

@@ -19,14 +19,14 @@ from torch.nn.utils import parametrize
 
 from medseg_peft.io import atomic_save_safetensors
 from medseg_peft.selection.selection import Selection, entries_from_meta, entry_meta, read_safetensors_with_meta, smallest_int
-from medseg_peft.tuning.attach import _owner, attach, detach, is_attached, tuning_state
+from medseg_peft.tuning.attach import owner_of, attach, detach, is_attached, tuning_state
 
 DELTA_FORMAT = "medseg_peft.delta"
 
 
 def _base_tensor(model: nn.Module, name: str) -> torch.Tensor:
     """The untouched base tensor of ``name`` on an attached (unmerged) model."""
-    module, tensor_name = _owner(model, name)
+    module, tensor_name = owner_of(model, name)
     if parametrize.is_parametrized(module, tensor_name):
         return module.parametrizations[tensor_name].original
     return getattr(module, tensor_name)  # adapters leave the weight itself in place
