@@ -6,8 +6,12 @@ Two base classes, so that a method implements only what it does:
   without scoring entries (full fine-tuning, LoRA, partial fine-tuning) implements :meth:`Selector.build`.
 - :class:`ScoredSelector`: a method that scores entries implements :meth:`ScoredSelector.statistics`
   (additive over batches, so ranks can sum them) and, when the score is not the statistic itself,
-  :meth:`ScoredSelector.scores`; the per-row top-K choice, the whole-tensor roles, the cross-rank sum and
-  the counting are common. A method that chooses differently (a global budget) overrides ``choose``.
+  :meth:`ScoredSelector.scores`; the whole-tensor roles, the cross-rank sum and the counting are
+  common. :class:`TopKSelector` adds GPS's choosing rule (top-K per output row); a method that
+  chooses differently (SPT's global budget) implements ``choose``.
+
+Settings are dataclass fields (``settings_dataclass``): one list gives the constructor, the checks in
+``__post_init__``, the saved ``hparams()`` and the error for a setting a method does not take.
 
 Every subclass that names its ``method`` is registered in ``METHODS`` on import, so a new method is
 one new module (and a bundle layer whose ``_target_`` is its class).
@@ -17,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,23 +74,35 @@ def model_device(model: nn.Module) -> torch.device:
 
 METHODS: dict[str, type["Selector"]] = {}
 
+settings_dataclass = dataclass(eq=False, repr=False)
+"""How every method is declared: its settings are dataclass fields (so ``__init__``, validation in
+``__post_init__``, the saved ``hparams()`` and a strict keyword check come from one list); selectors
+compare by identity and print through ``hparams``."""
 
+NOT_SAVED = {"hparam": False}  # field metadata: a setting that is code (a function), not saved with the selection
+
+
+@settings_dataclass
 class Selector:
     """Base class: ``select(model, batches) -> Selection``; calling it also attaches the deltas.
 
     Under ``torch.distributed`` every rank must call ``select`` (with its own share of the batches);
     the selection is checked to be identical on every rank before it is returned.
+
+    Args:
+        seed: RNG seed for anything random while selecting (dropout, augmentation, initialisation).
     """
 
-    method = "selector"
+    method: ClassVar[str] = "selector"
+    seed: int | None = field(default=0, kw_only=True)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "method" in vars(cls):
             METHODS[cls.method] = cls
 
-    def __init__(self, *, seed: int | None = 0):
-        self.seed = seed
+    def __post_init__(self) -> None:
+        """Validate the settings (each method adds its own checks)."""
 
     # ---- what a method provides -----------------------------------------------------------------
     def build(self, model: nn.Module, batches: Iterable) -> Selection:
@@ -93,8 +110,13 @@ class Selector:
         raise NotImplementedError
 
     def hparams(self) -> dict:
-        """The settings that reproduce this selection; saved with it."""
-        return {"seed": self.seed}
+        """The settings that reproduce this selection (every dataclass field; a callable by its name); saved with it."""
+        out = {}
+        for f in fields(self):
+            if f.metadata.get("hparam", True):
+                value = getattr(self, f.name)
+                out[f.name] = getattr(value, "__name__", type(value).__name__) if callable(value) else value
+        return out
 
     # ---- the shared life cycle -------------------------------------------------------------------
     def select(self, model: nn.Module, batches: Iterable = ()) -> Selection:
@@ -124,24 +146,27 @@ class Selector:
         return f"{type(self).__name__}({args})"
 
 
+def check_max_batches(max_batches: int | None) -> None:
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+
+
+@settings_dataclass
 class ScoredSelector(Selector):
-    """A method that scores entries from data, then chooses; by default the top-K per output row.
+    """A method that scores entries from data (:meth:`statistics`, :meth:`scores`), then chooses (:meth:`choose`).
 
     Args:
-        k: trainable entries per output row of every selected weight matrix.
         eligibility: a preset name (``"vit"``, ``"sam"``), ``"auto"`` (``"sam"`` when the model has an
             ``image_encoder``, else ``"vit"``) or a list of rules (see ``selection.eligibility``).
         max_batches: use at most this many batches from ``batches`` (``None``: all of them).
-        seed: RNG seed for anything random during scoring (dropout, augmentation).
     """
 
-    def __init__(self, k: int = 1, *, eligibility: str | Sequence[Mapping] = "auto", max_batches: int | None = None, seed: int | None = 0):
-        super().__init__(seed=seed)
-        self.k = check_k(k)
-        self.eligibility = eligibility
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        self.max_batches = max_batches
+    eligibility: str | Sequence[Mapping] = field(default="auto", kw_only=True)
+    max_batches: int | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_max_batches(self.max_batches)
 
     # ---- what a method provides -----------------------------------------------------------------
     def statistics(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -158,19 +183,14 @@ class ScoredSelector(Selector):
         """The eligibility rules this method applies to ``model``."""
         return self.eligibility
 
-    def hparams(self) -> dict:
-        return {"k": self.k, "eligibility": self.eligibility, "max_batches": self.max_batches, "seed": self.seed}
-
     def choose(self, scored: Iterator[tuple[str, torch.Tensor]]) -> dict[str, Entries]:
-        """Default rule: top-K per output row, one tensor at a time (no score matrix outlives its choice)."""
-        return {name: topk_per_row(score, self.k, name) for name, score in scored}
+        """The choosing rule: ``{name: Entries}`` from ``(name, score)`` pairs."""
+        raise NotImplementedError
+
+    def check_selectable(self, params: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> None:
+        """Refuse settings that cannot work on these parameters, before any data is read."""
 
     # ---- shared ---------------------------------------------------------------------------------
-    def check_selectable(self, params: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> None:
-        for name in selectable:
-            p = params[name]
-            if p.ndim >= 2 and self.k > p[0].numel():
-                raise ValueError(f"k={self.k} is larger than the {p[0].numel()} entries per row of {name} {tuple(p.shape)}")
 
     def build(self, model: nn.Module, batches: Iterable) -> Selection:
         from medseg_peft.distributed import all_reduce_sum
@@ -190,3 +210,28 @@ class ScoredSelector(Selector):
             elif name in chosen:
                 entries[name] = chosen[name]
         return Selection(entries, total, self.method, self.hparams())
+
+
+@settings_dataclass
+class TopKSelector(ScoredSelector):
+    """Scored, then the top-K entries of every output row (GPS's rule; FPS and random use it too).
+
+    Args:
+        k: trainable entries per output row of every selected weight matrix.
+    """
+
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.k = check_k(self.k)
+
+    def check_selectable(self, params: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> None:
+        for name in selectable:
+            p = params[name]
+            if p.ndim >= 2 and self.k > p[0].numel():
+                raise ValueError(f"k={self.k} is larger than the {p[0].numel()} entries per row of {name} {tuple(p.shape)}")
+
+    def choose(self, scored: Iterator[tuple[str, torch.Tensor]]) -> dict[str, Entries]:
+        """Top-K per output row, one tensor at a time (no score matrix outlives its choice)."""
+        return {name: topk_per_row(score, self.k, name) for name, score in scored}

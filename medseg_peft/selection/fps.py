@@ -16,6 +16,7 @@ has its own activation mean; eval mode (no dropout / drop-path) for a determinis
 from __future__ import annotations
 
 import logging
+from dataclasses import field
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import ScoredSelector, model_device
+from medseg_peft.selection.base import TopKSelector, model_device, settings_dataclass
 from medseg_peft.selection.selection import row_view_shape
 
 log = logging.getLogger("medseg_peft")
@@ -61,7 +62,8 @@ class _InputSums:
 COUNT = "count:"  # statistics key prefix of a layer's feature count, beside its sum (keyed by the weight's name)
 
 
-class FPS(ScoredSelector):
+@settings_dataclass
+class FPS(TopKSelector):
     """Forward-only selection: ``|W| * mean |x|``, top-K per output row.
 
     Args:
@@ -71,14 +73,7 @@ class FPS(ScoredSelector):
     """
 
     method = "fps"
-
-    def __init__(self, k: int = 1, *, train_mode: bool = False, eligibility: str | Sequence[Mapping] = "auto",
-                 max_batches: int | None = None, seed: int | None = 0):
-        super().__init__(k, eligibility=eligibility, max_batches=max_batches, seed=seed)
-        self.train_mode = train_mode
-
-    def hparams(self) -> dict:
-        return {**super().hparams(), "train_mode": self.train_mode}
+    train_mode: bool = field(default=False, kw_only=True)
 
     def statistics(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> dict[str, torch.Tensor]:
         consumers: dict[str, _InputSums] = {}

@@ -11,20 +11,15 @@ from typing import Iterable
 
 from torch import nn
 
-from medseg_peft.selection.base import Selector
+from medseg_peft.selection.base import Selector, settings_dataclass
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 
+@settings_dataclass
 class Full(Selector):
     """Train every parameter (no selection); ``batches`` are accepted and ignored."""
 
     method = "full"
-
-    def __init__(self, *, seed: int | None = 0):
-        super().__init__(seed=seed)
-
-    def hparams(self) -> dict:
-        return {}
 
     def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
         entries = {n: Entries(WHOLE, tuple(p.shape)) for n, p in model.named_parameters()}

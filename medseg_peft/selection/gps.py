@@ -18,6 +18,7 @@ Losses:
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device
+from medseg_peft.selection.base import NOT_SAVED, TopKSelector, gradients_for, model_device, settings_dataclass
 from medseg_peft.selection.supcon import supcon_loss
 
 LOSSES = ("supcon", "ce")
@@ -63,7 +64,8 @@ def pre_head_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return seen[0].flatten(1)
 
 
-class GPS(ScoredSelector):
+@settings_dataclass
+class GPS(TopKSelector):
     """Gradient-based selection: ``|sum of gradients|``, top-K per output row.
 
     Args:
@@ -79,34 +81,19 @@ class GPS(ScoredSelector):
     """
 
     method = "gps"
+    loss: str | Callable = field(default="supcon", kw_only=True)
+    temperature: float = field(default=0.07, kw_only=True)
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True, metadata=NOT_SAVED)
+    feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True, metadata=NOT_SAVED)
+    train_mode: bool = field(default=True, kw_only=True)
+    amp: bool = field(default=False, kw_only=True)
 
-    def __init__(
-        self,
-        k: int = 1,
-        *,
-        loss: str | Callable = "supcon",
-        temperature: float = 0.07,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-        train_mode: bool = True,
-        amp: bool = False,
-        eligibility: str | Sequence[Mapping] = "auto",
-        max_batches: int | None = None,
-        seed: int | None = 0,
-    ):
-        super().__init__(k, eligibility=eligibility, max_batches=max_batches, seed=seed)
-        if not callable(loss) and loss not in LOSSES:
-            raise ValueError(f"GPS loss must be one of {LOSSES} or a callable (outputs, targets) -> loss, got {loss!r}")
-        self.loss = loss
-        self.temperature = temperature
-        self.augment = augment or random_views
-        self.feature_fn = feature_fn or pre_head_features
-        self.train_mode = train_mode
-        self.amp = amp
-
-    def hparams(self) -> dict:
-        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", type(self.loss).__name__)
-        return {**super().hparams(), "loss": loss, "temperature": self.temperature, "train_mode": self.train_mode, "amp": self.amp}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not callable(self.loss) and self.loss not in LOSSES:
+            raise ValueError(f"GPS loss must be one of {LOSSES} or a callable (outputs, targets) -> loss, got {self.loss!r}")
+        self.augment = self.augment or random_views
+        self.feature_fn = self.feature_fn or pre_head_features
 
     def batch_loss(self, model: nn.Module, x, y) -> torch.Tensor:
         if self.loss == "supcon":

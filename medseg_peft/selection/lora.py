@@ -10,17 +10,19 @@ selection against LoRA on equal terms.
 from __future__ import annotations
 
 import re
+from dataclasses import field
 from typing import Iterable
 
 from torch import nn
 
-from medseg_peft.selection.base import Selector, model_device, seeded
+from medseg_peft.selection.base import Selector, model_device, seeded, settings_dataclass
 from medseg_peft.selection.eligibility import always_trained
 from medseg_peft.selection.selection import LORA, WHOLE, Entries, Selection
 
 DEFAULT_TARGETS = r"(^|\.)blocks\.\d+\.attn\.qkv\.weight$"
 
 
+@settings_dataclass
 class LoRA(Selector):
     """Low-rank adaptation of the weights matching ``targets``.
 
@@ -34,16 +36,14 @@ class LoRA(Selector):
 
     method = "lora"
 
-    def __init__(self, rank: int = 4, *, targets: str = DEFAULT_TARGETS, train_whole: str | None = "auto", seed: int | None = 0):
-        super().__init__(seed=seed)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        self.rank = rank
-        self.targets = targets
-        self.train_whole = train_whole
+    rank: int = 4
+    targets: str = field(default=DEFAULT_TARGETS, kw_only=True)
+    train_whole: str | None = field(default="auto", kw_only=True)
 
-    def hparams(self) -> dict:
-        return {"rank": self.rank, "targets": self.targets, "train_whole": self.train_whole, "seed": self.seed}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
 
     def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
         if self.train_whole == "auto":

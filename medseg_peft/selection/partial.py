@@ -32,6 +32,7 @@ import fnmatch
 import logging
 import math
 import re
+from dataclasses import field
 from itertools import islice
 from typing import Callable, Iterable, Sequence
 
@@ -42,7 +43,7 @@ from torch import nn
 from medseg_peft.data.batches import iter_batches
 from medseg_peft.distributed import average_gradients
 from medseg_peft.selection.eligibility import always_trained
-from medseg_peft.selection.base import Selector, model_device, seeded
+from medseg_peft.selection.base import Selector, check_max_batches, model_device, seeded, settings_dataclass
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 log = logging.getLogger("medseg_peft")
@@ -138,6 +139,7 @@ def angle(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> floa
     return math.acos(max(-1.0, min(1.0, cos)))
 
 
+@settings_dataclass
 class Partial(Selector):
     """Partial fine-tuning: whole layers by a manual ``strategy`` or by the fine-tuned angle metric.
 
@@ -165,23 +167,19 @@ class Partial(Selector):
 
     method = "partial"
 
-    def __init__(
-        self,
-        strategy: str | Sequence[str] | None = None,
-        angle_top: int | None = None,
-        *,
-        order: str = "largest",
-        probe_steps: int = 20,
-        probe_lr: float = 1e-3,
-        loss: str | Callable = "ce",
-        train_head: bool = True,
-        max_batches: int | None = None,
-        seed: int | None = 0,
-    ):
-        super().__init__(seed=seed)
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        self.max_batches = max_batches
+    strategy: str | Sequence[str] | None = None
+    angle_top: int | None = None
+    order: str = field(default="largest", kw_only=True)
+    probe_steps: int = field(default=20, kw_only=True)
+    probe_lr: float = field(default=1e-3, kw_only=True)
+    loss: str | Callable = field(default="ce", kw_only=True)
+    train_head: bool = field(default=True, kw_only=True)
+    max_batches: int | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_max_batches(self.max_batches)
+        strategy, angle_top = self.strategy, self.angle_top
         if (strategy is None) == (angle_top is None):
             raise ValueError(
                 "Partial needs exactly one of strategy= (a strategy name or a list of globs) and angle_top= "
@@ -189,24 +187,17 @@ class Partial(Selector):
             )
         if angle_top is not None and (isinstance(angle_top, bool) or not isinstance(angle_top, int) or angle_top <= 0):
             raise ValueError(f"angle_top must be a positive integer, got {angle_top!r}")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps <= 0:
-            raise ValueError(f"probe_steps must be a positive integer, got {probe_steps!r}")
-        if not probe_lr > 0:
-            raise ValueError(f"probe_lr must be positive, got {probe_lr!r}")
-        if not callable(loss) and loss != "ce":
-            raise ValueError(f"Partial's angle probe needs loss='ce' or a callable (outputs, targets) -> loss, got {loss!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps <= 0:
+            raise ValueError(f"probe_steps must be a positive integer, got {self.probe_steps!r}")
+        if not self.probe_lr > 0:
+            raise ValueError(f"probe_lr must be positive, got {self.probe_lr!r}")
+        if not callable(self.loss) and self.loss != "ce":
+            raise ValueError(f"Partial's angle probe needs loss='ce' or a callable (outputs, targets) -> loss, got {self.loss!r}")
         self.strategy = strategy if strategy is None or isinstance(strategy, str) else list(strategy)
-        self.angle_top, self.order = angle_top, order
-        self.probe_steps, self.probe_lr, self.loss, self.train_head = probe_steps, float(probe_lr), loss, train_head
+        self.probe_lr = float(self.probe_lr)
         self.angles: dict[str, float] = {}
-
-    def hparams(self) -> dict:
-        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", type(self.loss).__name__)
-        return {"strategy": self.strategy, "angle_top": self.angle_top, "order": self.order, "probe_steps": self.probe_steps,
-                "probe_lr": self.probe_lr, "loss": loss, "train_head": self.train_head, "max_batches": self.max_batches,
-                "seed": self.seed}
 
     def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
         if self.strategy is not None:

@@ -5,7 +5,7 @@ the selection criterion): the same number of trainable entries in the same place
 eligibility), but no look at the data. It needs no batches, and the draw depends only on ``seed``,
 so every rank of a multi-GPU run draws the same entries without exchanging anything.
 
-This module is also the worked example of adding a method: a ``ScoredSelector`` subclass with a
+This module is also the worked example of adding a method: a ``TopKSelector`` subclass with a
 ``method`` name (which registers it in ``METHODS``), and a bundle layer ``bundles/methods/random.json``
 whose ``"selector"`` names this class. Nothing else in the package changes.
 """
@@ -17,22 +17,23 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from medseg_peft.selection.base import ScoredSelector
+from medseg_peft.selection.base import TopKSelector, settings_dataclass
 
 
-class RandomK(ScoredSelector):
+@settings_dataclass
+class RandomK(TopKSelector):
     """K entries per output row at random (uniform scores, top-K per row); reproducible from ``seed``.
 
     Args:
-        k, eligibility, seed: see :class:`~medseg_peft.selection.base.ScoredSelector`; ``batches`` are ignored.
+        k, eligibility, seed: see :class:`~medseg_peft.selection.base.TopKSelector`; ``batches`` are ignored.
     """
 
     method = "random"
 
-    def __init__(self, k: int = 1, *, eligibility: str | Sequence[Mapping] = "auto", seed: int = 0):
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"random selection needs an integer seed (it is the whole selection), got {seed!r}")
-        super().__init__(k, eligibility=eligibility, seed=seed)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"random selection needs an integer seed (it is the whole selection), got {self.seed!r}")
 
     def statistics(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> dict[str, torch.Tensor]:
         return {}  # nothing is learnt from data

@@ -17,6 +17,7 @@ With ``structured="adapter"`` a matrix gets a bottleneck adapter on its layer's 
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg_peft.data.batches import iter_batches
-from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device
+from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device, settings_dataclass
 from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN, is_sam
 from medseg_peft.selection.selection import ADAPTER, FLAT, LORA, WHOLE, Entries, row_view_shape
 
@@ -91,6 +92,7 @@ def _ranked_top(flat: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[torch.sort(flat[candidates], descending=True, stable=True).indices]
 
 
+@settings_dataclass
 class SPT(ScoredSelector):
     """Sensitivity-aware selection with a global budget and structured (LoRA) upgrades.
 
@@ -104,36 +106,24 @@ class SPT(ScoredSelector):
 
     method = "spt"
 
-    def __init__(
-        self,
-        budget: int = 400_000,
-        *,
-        structured: str = "lora",
-        rank: int = 8,
-        alpha: float = 10,
-        beta: float = 5,
-        loss: str | Callable = "ce",
-        train_mode: bool = True,
-        eligibility: str | Sequence[Mapping] = "auto",
-        max_batches: int | None = None,
-        seed: int | None = 0,
-    ):
-        super().__init__(1, eligibility=eligibility, max_batches=max_batches, seed=seed)
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-            raise ValueError(f"SPT budget must be a positive integer (trainable parameters), got {budget!r}")
-        if structured not in STRUCTURED:
-            raise ValueError(f"SPT structured must be one of {sorted(STRUCTURED)}, got {structured!r}")
-        if loss != "ce" and not callable(loss):
-            raise ValueError(f"SPT loss must be 'ce' or a callable (outputs, targets) -> loss, got {loss!r}")
-        self.budget, self.structured, self.rank, self.alpha, self.beta = budget, structured, rank, alpha, beta
-        self.loss, self.train_mode = loss, train_mode
-        self.eligibility = eligibility
-        self._shapes: dict[str, tuple[int, ...]] = {}
+    budget: int = 400_000
+    structured: str = field(default="lora", kw_only=True)
+    rank: int = field(default=8, kw_only=True)
+    alpha: float = field(default=10, kw_only=True)
+    beta: float = field(default=5, kw_only=True)
+    loss: str | Callable = field(default="ce", kw_only=True)
+    train_mode: bool = field(default=True, kw_only=True)
 
-    def hparams(self) -> dict:
-        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", type(self.loss).__name__)
-        return {"budget": self.budget, "structured": self.structured, "rank": self.rank, "alpha": self.alpha, "beta": self.beta,
-                "loss": loss, "train_mode": self.train_mode, "eligibility": self.eligibility, "max_batches": self.max_batches, "seed": self.seed}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
+            raise ValueError(f"SPT budget must be a positive integer (trainable parameters), got {self.budget!r}")
+        if self.structured not in STRUCTURED:
+            raise ValueError(f"SPT structured must be one of {sorted(STRUCTURED)}, got {self.structured!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"SPT rank must be a positive integer, got {self.rank!r}")
+        if self.loss != "ce" and not callable(self.loss):
+            raise ValueError(f"SPT loss must be 'ce' or a callable (outputs, targets) -> loss, got {self.loss!r}")
 
     def rules(self, model: nn.Module) -> str | Sequence[Mapping]:
         if self.eligibility == "auto":

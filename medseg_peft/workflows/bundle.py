@@ -188,8 +188,7 @@ class Checkpoints:
     """The resumable training state: only the tuned part of the network (``TunedState``), the optimizer,
     the scheduler, the engine and any ``extra`` objects with a ``state_dict`` (e.g. EMA weights).
 
-    Rank 0 writes one checkpoint per epoch into ``<output_dir>/checkpoints`` (ignite's saver writes on rank 0
-    only); every rank resumes from
+    Rank 0 writes one checkpoint per epoch into ``<output_dir>/checkpoints``; every rank resumes from
     the file rank 0 found, so an ``output_dir`` shared by the nodes of a multi-node run is required
     for resuming there.
     """
@@ -201,14 +200,30 @@ class Checkpoints:
         self.objects = {"deltas": TunedState(unwrap(network)), "optimizer": optimizer, "lr_scheduler": lr_scheduler, **(extra or {})}
 
     def attach(self, trainer) -> None:
-        from monai.handlers import CheckpointSaver
+        from ignite.engine import Events
 
         self.objects["trainer"] = trainer
-        # built on every rank: ignite's saver writes on rank 0 only, and its set-up is a collective
-        CheckpointSaver(save_dir=str(self.directory), save_dict=self.objects, save_interval=1, n_saved=1, epoch_level=True).attach(trainer)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, trainer) -> Path | None:
+        """Rank 0 writes ``checkpoint_epoch=N.pt`` beside the old one, renames it into place, then deletes
+        the old one: a kill at any moment leaves one complete checkpoint (MONAI's saver writes in place
+        and deletes the previous file first)."""
+        if not is_main_process():
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"checkpoint_epoch={trainer.state.epoch}.pt"
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({name: obj.state_dict() for name, obj in self.objects.items()}, tmp)
+        os.replace(tmp, path)
+        for old in self.directory.glob("checkpoint_epoch=*.pt"):
+            if old != path:
+                old.unlink()
+        log.info("saved checkpoint %s", path)
+        return path
 
     def last(self) -> Path | None:
-        found = sorted(self.directory.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(self.directory.glob("checkpoint_epoch=*.pt"), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None
 
     def resume(self, trainer) -> bool:
