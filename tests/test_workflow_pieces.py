@@ -94,3 +94,34 @@ def test_selector_by_name_refuses_settings_it_does_not_take():
         mp.selector("lora", rank=2, lr=1e-3)
     lora = mp.selector("lora", rank=2, seed=5)
     assert isinstance(lora, mp.LoRA) and lora.rank == 2 and lora.seed == 5
+
+
+def test_device_takes_cuda_n_and_refuses_what_this_machine_lacks(monkeypatch):
+    from medseg_peft.workflows import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:1")
+    else:
+        monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count() - 1))  # auto under torchrun: this process's GPU
+        assert resolve_device("auto") == torch.device("cuda", torch.cuda.device_count() - 1)
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("meta", ["metadata.json", "organ_metadata.json", "classify_metadata.json"])
+def test_each_task_bundle_has_metadata_that_verifies(meta):
+    import json
+
+    from monai.bundle import verify_metadata
+
+    from conftest import BUNDLES
+
+    verify_metadata(meta_file=str(BUNDLES / meta), filepath=str(BUNDLES / "schema.json"))  # raises on a schema violation
+    described = json.loads((BUNDLES / meta).read_text())
+    task = {"metadata.json": "polyp", "organ_metadata.json": "organ", "classify_metadata.json": "classification"}[meta]
+    assert task in described["name"].lower() or task in described["task"].lower()
