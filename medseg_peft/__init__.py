@@ -11,8 +11,18 @@ from medseg_peft.tuning import attach, detach, load_delta, merge, save_delta, so
 
 __version__ = "0.1.0"
 
+
+def activation_checkpointing(model, enabled: bool = True):
+    """Checkpoint the transformer blocks of ``model`` (SAM's image encoder, timm ViTs) in training; see
+    ``medseg_peft.models.checkpointing`` (imported on use: it needs segment-anything's model code)."""
+    from medseg_peft.models.checkpointing import activation_checkpointing as apply
+
+    return apply(model, enabled)
+
+
 __all__ = [
     "FPS",
+    "activation_checkpointing",
     "GPS",
     "LoRA",
     "Full",

@@ -54,6 +54,30 @@ class Delta(nn.Module):
             value_shape = tuple(entries.index.shape)
             self.register_buffer("index", entries.index.to(device))
         self.values = nn.Parameter(torch.zeros(value_shape, dtype=torch.float32, device=device))
+        self._index_columns(device)
+
+    def _index_columns(self, device) -> None:
+        """``columns``: the sorted input columns holding any selected entry; ``local``: each entry's position
+        in the ``[rows, len(columns)]`` matrix of those columns (flattened for a flat index). A Linear
+        delta then needs only ``x[..., columns]`` for its gradient; ``None`` where that saves too little."""
+        self.register_buffer("columns", None, persistent=False)
+        self.register_buffer("local", None, persistent=False)
+        if self.layout not in (ROWS, FLAT) or len(self.shape) != 2:
+            return
+        n_cols = self.shape[1]
+        index = self.index.long()
+        cols = index if self.layout == ROWS else index % n_cols
+        columns, position = torch.unique(cols, sorted=True, return_inverse=True)
+        if columns.numel() > COMPACT_BELOW * n_cols:
+            return
+        local = position if self.layout == ROWS else (index // n_cols) * columns.numel() + position
+        self.columns, self.local = columns.to(device), local.to(device)
+
+    def gather_columns(self, dense_columns: torch.Tensor) -> torch.Tensor:
+        """The entries of a ``[rows, len(columns)]`` matrix holding the selected columns of a dense tensor."""
+        if self.layout == ROWS:
+            return dense_columns.gather(1, self.local)
+        return dense_columns.reshape(-1).gather(0, self.local)
 
     @property
     def entries(self) -> Entries:
@@ -117,6 +141,9 @@ class Delta(nn.Module):
         return f"layout={self.layout}, shape={self.shape}, trainable={self.values.numel()}"
 
 
+COMPACT_BELOW = 0.5  # save x[..., columns] for the gradient when the columns are at most this share of the inputs
+
+
 class _DeltaLinear(torch.autograd.Function):
     """``F.linear(x, base + delta, bias)`` without an effective-weight copy, kept or transient.
 
@@ -125,7 +152,13 @@ class _DeltaLinear(torch.autograd.Function):
     the delta is folded into the base tensor in place for the duration of the matmul (forward, and
     again for the input gradient in backward) and the base entries are written back bit for bit right
     after, so no weight-sized buffer is ever allocated; the dense weight gradient lives only long
-    enough to be gathered at the selected entries. The base is held on ``ctx`` rather than saved,
+    enough to be gathered at the selected entries.
+
+    The weight gradient of ``values[j, k]`` needs only input column ``index[j, k]``, so when the selected
+    entries share few columns (``Delta.columns``, at most ``COMPACT_BELOW`` of the inputs) only
+    ``x[..., columns]`` is saved for backward, and the gradient is the ``[rows, columns]`` product
+    gathered there: on pretrained SAM / ViT a few input features carry most of the activation mass,
+    which both FPS's and GPS's scores favour, so the selected entries pile up in few columns. The base is held on ``ctx`` rather than saved,
     since its version counter moves with every fold (its values never do outside the fold).
     """
 
@@ -136,7 +169,9 @@ class _DeltaLinear(torch.autograd.Function):
         ctx.delta, ctx.base = delta, base
         ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x if ctx.cast is None else x.to(ctx.cast), values)
+        ctx.in_features = x.shape[-1]
+        kept = x if delta.columns is None else x.index_select(-1, delta.columns)  # the columns the gradient needs
+        ctx.save_for_backward(kept if ctx.cast is None else kept.to(ctx.cast), values)
         with delta.folded_into(base, values):
             return F.linear(x, base, bias)
 
@@ -149,8 +184,8 @@ class _DeltaLinear(torch.autograd.Function):
             with ctx.delta.folded_into(ctx.base, values):
                 gx = (g2 @ ctx.base.to(grad.dtype)).reshape(*grad.shape[:-1], ctx.base.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            dense = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
-            gv = ctx.delta.gather(dense).to(values.dtype)
+            dense = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)  # [rows, columns kept]
+            gv = (ctx.delta.gather(dense) if ctx.delta.columns is None else ctx.delta.gather_columns(dense)).to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             gb = g2.sum(0)
         return gx, None, gv, gb, None

@@ -1,0 +1,180 @@
+"""Training memory: a sparse Linear saves only the input columns its selected entries need; activation checkpointing."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medseg_peft as mp
+from conftest import train_steps
+from medseg_peft.models import sam_segmenter
+from medseg_peft.selection.selection import FLAT, ROWS, Entries, Selection
+from medseg_peft.tuning import tuning_state
+
+
+def _few_columns(model, layout: str, columns=(1, 5, 6), k=2, seed=0) -> Selection:
+    """Every Linear weight of ``model``'s blocks trains ``k`` entries per row, all among a few input columns."""
+    g = torch.Generator().manual_seed(seed)
+    entries = {}
+    for name, p in model.named_parameters():
+        if ".blocks." in f".{name}" and name.endswith(".weight") and p.ndim == 2:
+            cols = torch.tensor(columns)
+            pick = torch.stack([cols[torch.randperm(len(cols), generator=g)[:k]].sort().values for _ in range(p.shape[0])])
+            index = pick if layout == ROWS else (torch.arange(p.shape[0])[:, None] * p.shape[1] + pick).flatten()
+            entries[name] = Entries(layout, tuple(p.shape), index)
+    return Selection(entries, sum(p.numel() for p in model.parameters()), "manual", {})
+
+
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the bytes of the tensors autograd saves for backward while it runs (parameters excluded)."""
+    total, seen = 0, set()
+
+    def pack(t):
+        nonlocal total
+        if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def _value_grads(model, x, y, autocast=False):
+    for p in mp.trainable_parameters(model):
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in mp.trainable_parameters(model)]
+
+
+@pytest.mark.parametrize("layout", [ROWS, FLAT])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_column_gradient_equals_dense_autograd_gathered(vit, vit_batches, layout, autocast, monkeypatch):
+    import medseg_peft.tuning.delta as delta_module
+
+    x, y = vit_batches[0]
+    compact = mp.attach(copy.deepcopy(vit), _few_columns(vit, layout))
+    assert all(d.columns is not None and d.columns.tolist() == [1, 5, 6] for d in tuning_state(compact).deltas.values())
+    with torch.no_grad():
+        for p in mp.trainable_parameters(compact):
+            p.normal_(0, 0.05)
+    monkeypatch.setattr(delta_module, "COMPACT_BELOW", -1.0)  # the whole-input path, built the same way
+    dense = mp.attach(copy.deepcopy(vit), _few_columns(vit, layout))
+    assert all(d.columns is None for d in tuning_state(dense).deltas.values())
+    with torch.no_grad():
+        for a, b in zip(mp.trainable_parameters(dense), mp.trainable_parameters(compact)):
+            a.copy_(b)
+    loss_c, grads_c = _value_grads(compact, x, y, autocast)
+    loss_d, grads_d = _value_grads(dense, x, y, autocast)
+    assert torch.equal(loss_c, loss_d)  # the forward is untouched
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads_c, grads_d):
+        torch.testing.assert_close(a, b, **tol)
+    # and both equal plain autograd through the parametrization (no lean Linear at all), gathered at the entries
+    if not autocast:
+        for m in [m for m in dense.modules() if "forward" in vars(type(m)) and type(m).__name__ == "Linear" and hasattr(m, "parametrizations")]:
+            del type(m).forward
+        _, plain = _value_grads(dense, x, y)
+        for a, b in zip(grads_c, plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_compact_path_saves_only_the_columns(vit, vit_batches, monkeypatch):
+    import medseg_peft.tuning.delta as delta_module
+
+    x, y = vit_batches[0]
+    compact = mp.attach(copy.deepcopy(vit), _few_columns(vit, ROWS))
+    _, few = _saved_bytes(lambda: F.cross_entropy(compact(x), y))
+    monkeypatch.setattr(delta_module, "COMPACT_BELOW", -1.0)
+    dense = mp.attach(copy.deepcopy(vit), _few_columns(vit, ROWS))
+    _, full = _saved_bytes(lambda: F.cross_entropy(dense(x), y))
+    tokens, fp32 = 17, 4  # 16 patches + the cls token
+    linears = {n: m.in_features for n, m in dense.named_modules() if ".blocks." in f".{n}" and isinstance(m, torch.nn.Linear)}
+    # qkv, fc1, fc2 keep 3 of their input columns instead of all; proj's input is attention's output, which
+    # scaled-dot-product attention keeps for its own backward anyway, so there the 3 columns are an extra copy
+    fewer = sum(i - 3 for n, i in linears.items() if not n.endswith("proj")) - 3 * sum(1 for n in linears if n.endswith("proj"))
+    assert full - few == x.shape[0] * tokens * fp32 * fewer
+
+
+def test_compact_deltas_train_only_their_entries_and_round_trip(vit, vit_batches, tmp_path):
+    base = copy.deepcopy(vit)
+    model = mp.attach(vit, _few_columns(vit, ROWS))
+    train_steps(model, vit_batches, steps=2)
+    masks = tuning_state(model).selection.masks()
+    x = vit_batches[0][0]
+    model.eval()
+    with torch.no_grad():
+        tuned = model(x)
+    path = mp.save_delta(model, tmp_path / "d.safetensors")
+    mp.merge(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), tuned)
+    after = dict(model.named_parameters())
+    for name, p0 in base.named_parameters():
+        if name in masks:  # the block weights: only their selected entries moved
+            m = masks[name]
+            assert torch.equal(after[name][~m], p0[~m]) and not torch.equal(after[name][m], p0[m]), name
+        else:
+            assert torch.equal(after[name], p0), name
+    mp.unmerge(model)
+    fresh = mp.load_delta(copy.deepcopy(base), path).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), tuned)
+
+
+def _sam_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.rand(2, 3, 64, 64, generator=g) * 255, (torch.rand(2, 1, 64, 64, generator=g) > 0.6).float()
+
+
+def _seg_loss(out, y):
+    return F.binary_cross_entropy_with_logits(out, y)
+
+
+@pytest.mark.parametrize("method", ["fps", "lora", "spt_adapter", "compact"])
+def test_checkpointing_gives_the_same_loss_and_gradients(method, vit, vit_batches):
+    x, y = _sam_batch()
+    torch.manual_seed(0)
+    base = sam_segmenter("tiny")
+    make = {
+        "fps": lambda m: mp.FPS(k=2)(m, [(x, y)]),
+        "lora": lambda m: mp.LoRA(rank=2)(m),
+        "spt_adapter": lambda m: mp.SPT(budget=2000, rank=2, structured="adapter", loss=_seg_loss)(m, [(x, y)]),
+        "compact": lambda m: mp.attach(m, _few_columns(m, ROWS, columns=(0, 3), k=1)),
+    }[method]
+    plain, ckpt = make(copy.deepcopy(base)), make(copy.deepcopy(base))
+    with torch.no_grad():
+        for a, b in zip(mp.trainable_parameters(plain), mp.trainable_parameters(ckpt)):
+            a.normal_(0, 0.02)
+            b.copy_(a)
+    mp.activation_checkpointing(ckpt)
+    results = []
+    for model in (plain, ckpt):
+        model.train()
+        for p in mp.trainable_parameters(model):
+            p.grad = None
+        loss, saved = _saved_bytes(lambda: _seg_loss(model(x), y))
+        loss.backward()
+        results.append((loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in mp.trainable_parameters(model)], saved))
+    (loss_p, grads_p, saved_p), (loss_c, grads_c, saved_c) = results
+    assert torch.equal(loss_p, loss_c)
+    for a, b in zip(grads_p, grads_c):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert saved_c < saved_p  # the blocks' insides are recomputed, not kept
+    # the base is untouched by the second forward of each block, and evaluation takes the plain path
+    if method != "spt_adapter":
+        mp.merge(ckpt), mp.merge(plain)
+        for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+            assert torch.equal(a, b), n
+    mp.activation_checkpointing(ckpt, enabled=False)
+    assert all("forward" not in vars(m) for m in ckpt.modules())
+
+
+def test_checkpointing_needs_blocks():
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        mp.activation_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert isinstance(mp.activation_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), enabled=False), torch.nn.Sequential)
