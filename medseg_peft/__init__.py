@@ -7,7 +7,7 @@
 """
 
 from medseg_peft.selection import FPS, GPS, METHODS, SPT, LoRA, Partial, PRESETS, Entries, Full, Selection, Selector, selector
-from medseg_peft.tuning import attach, detach, load_delta, merge, save_delta, soup, trainable_parameters, unmerge
+from medseg_peft.tuning import attach, cast_base, detach, load_delta, merge, save_delta, soup, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "Selection",
     "Selector",
     "attach",
+    "cast_base",
     "detach",
     "load_delta",
     "merge",

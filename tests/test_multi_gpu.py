@@ -201,8 +201,9 @@ def test_killed_two_process_run_resumes_with_the_same_selection(tmp_path, tmp_pa
 
 @pytest.mark.parametrize("task,overrides", [
     ("organ_fps.json", dict(epochs=1, val_interval=1, synthetic_volumes=10, image_size=64, volumes_per_batch=1,
-                            slices_per_volume=2, select_batches=1, sw_batch_size=8)),
-    ("classify.json", dict(epochs=1, cooldown_epochs=0, batch_size=8, num_workers=0, select_batches=2)),
+                            slices_per_volume=2, select_batches=1, sw_batch_size=8, checkpointing=True)),  # + DDP with checkpointing
+    ("classify.json", dict(epochs=1, cooldown_epochs=0, batch_size=8, num_workers=0, select_batches=2, checkpointing="selective",
+                           base_dtype="bfloat16")),
 ])
 def test_organ_and_classify_bundles_train_under_the_layer(task, overrides, tmp_path, tmp_path_factory):
     out = tmp_path / "run"

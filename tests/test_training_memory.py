@@ -135,8 +135,9 @@ def _seg_loss(out, y):
     return F.binary_cross_entropy_with_logits(out, y)
 
 
+@pytest.mark.parametrize("mode", [True, "selective"])
 @pytest.mark.parametrize("method", ["fps", "lora", "spt_adapter", "compact"])
-def test_checkpointing_gives_the_same_loss_and_gradients(method, vit, vit_batches):
+def test_checkpointing_gives_the_same_loss_and_gradients(method, mode, vit, vit_batches):
     x, y = _sam_batch()
     torch.manual_seed(0)
     base = sam_segmenter("tiny")
@@ -151,7 +152,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(method, vit, vit_batche
         for a, b in zip(mp.trainable_parameters(plain), mp.trainable_parameters(ckpt)):
             a.normal_(0, 0.02)
             b.copy_(a)
-    mp.activation_checkpointing(ckpt)
+    mp.activation_checkpointing(ckpt, mode)
     results = []
     for model in (plain, ckpt):
         model.train()
@@ -164,7 +165,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(method, vit, vit_batche
     assert torch.equal(loss_p, loss_c)
     for a, b in zip(grads_p, grads_c):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert saved_c < saved_p  # the blocks' insides are recomputed, not kept
+    assert saved_c < saved_p  # the blocks' insides are recomputed, not kept (selective: cached outside these hooks)
     # the base is untouched by the second forward of each block, and evaluation takes the plain path
     if method != "spt_adapter":
         mp.merge(ckpt), mp.merge(plain)
@@ -174,7 +175,76 @@ def test_checkpointing_gives_the_same_loss_and_gradients(method, vit, vit_batche
     assert all("forward" not in vars(m) for m in ckpt.modules())
 
 
-def test_checkpointing_needs_blocks():
+def test_checkpointing_needs_blocks_and_a_known_mode():
+    with pytest.raises(ValueError, match="checkpointing must be one of"):
+        mp.activation_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), "all")
     with pytest.raises(ValueError, match="no transformer blocks"):
         mp.activation_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     assert isinstance(mp.activation_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), enabled=False), torch.nn.Sequential)
+
+
+# ---- a frozen base in bf16 ------------------------------------------------------------------
+def _linear_base_bytes(model):
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("method", ["fps", "lora"])
+def test_bf16_base_halves_the_frozen_linears_and_trains_in_fp32(vit, vit_batches, method, tmp_path):
+    x, y = vit_batches[0]
+    make = (lambda m: mp.FPS(k=2)(m, vit_batches)) if method == "fps" else (lambda m: mp.LoRA(rank=2)(m))
+    model = make(copy.deepcopy(vit))
+    linear_bytes = sum(p.numel() * 4 for n, p in vit.named_parameters() if n.endswith(".weight") and p.ndim == 2 and ".blocks." in f".{n}")
+    before = sum(t.numel() * t.element_size() for t in model.parameters())
+    mp.cast_base(model, "bfloat16")
+    after = sum(t.numel() * t.element_size() for t in model.parameters())
+    assert before - after == linear_bytes // 2  # the blocks' Linear bases (all frozen) at 2 bytes; the head trains whole
+    assert all(p.dtype == torch.float32 for p in mp.trainable_parameters(model))
+    # the fp32 step computes with bf16(base) + fp32 delta: the same as an fp32 model whose base was rounded once
+    reference = make(copy.deepcopy(vit))
+    with torch.no_grad():
+        for (n, p), q in zip(reference.named_parameters(), model.parameters()):
+            p.copy_(q.float())
+    train_steps(model, vit_batches, steps=2)
+    train_steps(reference, vit_batches, steps=2)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+        tuned = model(x)
+    path = mp.save_delta(model, tmp_path / "d.safetensors")
+    # merge: the fp32 result of bf16 base + delta after casting the base up (exact), or bf16 weights without
+    twin = copy.deepcopy(model)
+    mp.merge(mp.cast_base(model, torch.float32))
+    with torch.no_grad():
+        assert torch.equal(model(x), tuned)
+    mp.merge(twin)
+    assert twin.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    # the delta file loads onto the plain fp32 base it came from (fingerprinted at bf16)
+    fresh = mp.load_delta(copy.deepcopy(vit), path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), tuned, rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_base_under_autocast_and_in_the_bundle(vit, vit_batches, tmp_path, monkeypatch):
+    model = mp.cast_base(mp.FPS(k=1)(vit, vit_batches))
+    x, y = vit_batches[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in mp.trainable_parameters(model) if p.grad is not None)
+    with pytest.raises(ValueError, match="base_dtype must be one of"):
+        mp.cast_base(model, "int4")
+
+    import json
+
+    from conftest import run_workflow
+
+    monkeypatch.setenv("MEDSEG_PEFT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    wf = run_workflow("polyp_fps.json", output_dir=str(out), epochs=1, synthetic_images=16, batch_size=4, image_size=64,
+                      select_batches=2, num_workers=0, base_dtype="bfloat16", checkpointing=True)
+    network = wf.parser.get_parsed_content("network")
+    assert network.sam.image_encoder.blocks[0].attn.qkv.parametrizations.weight.original.dtype == torch.bfloat16
+    assert "forward" in vars(network.sam.image_encoder.blocks[0])  # checkpointed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["base_dtype"] == "bfloat16" and metrics["settings"]["checkpointing"] is True
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]

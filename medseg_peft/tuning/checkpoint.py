@@ -52,6 +52,8 @@ def save_delta(model: nn.Module, path: str | Path) -> Path:
         if getattr(delta, "index", None) is not None:
             tensors[f"{name}.index"] = smallest_int(delta.index)
         entries_meta[name] = {**entry_meta(delta.entries), "base": _fingerprint(base_entries)}
+        if base_entries.dtype != torch.float32:  # a bf16 base (cast_base): fingerprint the base as rounded to it
+            entries_meta[name]["base_dtype"] = str(base_entries.dtype).removeprefix("torch.")
     sel = state.selection
     meta = {
         "format": DELTA_FORMAT,
@@ -94,7 +96,11 @@ def _fill_values(base_model: nn.Module, path: Path, meta: dict, tensors: dict, c
     with torch.no_grad():
         for name, delta in state.deltas.items():
             if check_base:
-                got = _fingerprint(delta.gather(_base_tensor(base_model, name)))
+                base_entries = delta.gather(_base_tensor(base_model, name))
+                trained_on = meta["entries"][name].get("base_dtype")
+                if trained_on:  # trained on a bf16 copy of this base: compare at that precision
+                    base_entries = base_entries.to(getattr(torch, trained_on))
+                got = _fingerprint(base_entries)
                 want = meta["entries"][name]["base"]
                 if not all(math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-9) for g, w in zip(got, want)):
                     raise ValueError(

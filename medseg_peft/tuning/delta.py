@@ -133,6 +133,18 @@ class Delta(nn.Module):
             with torch.no_grad():
                 self.put(base, kept)
 
+    @contextmanager
+    def effective(self, base: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
+        """``base + delta`` as a ``dtype`` tensor for one matmul, with no lasting copy: folded into ``base`` in
+        place (then cast, if ``dtype`` is narrower), or, for a base narrower than ``dtype`` (a bf16 base
+        in an fp32 step), added to a transient upcast copy so that small deltas are not rounded away."""
+        if base.dtype == dtype or base.dtype.itemsize >= dtype.itemsize:
+            with self.folded_into(base, values):
+                yield base.to(dtype)
+        else:
+            weight = base.to(dtype)
+            yield self.add_to(weight, values, out=weight)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a delta checkpoint stores for this tensor (besides the index)."""
         return {"values": self.values}
@@ -172,8 +184,8 @@ class _DeltaLinear(torch.autograd.Function):
         ctx.in_features = x.shape[-1]
         kept = x if delta.columns is None else x.index_select(-1, delta.columns)  # the columns the gradient needs
         ctx.save_for_backward(kept if ctx.cast is None else kept.to(ctx.cast), values)
-        with delta.folded_into(base, values):
-            return F.linear(x, base, bias)
+        with delta.effective(base, values, ctx.cast or x.dtype) as weight:
+            return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -181,14 +193,40 @@ class _DeltaLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gv = gb = None
         if ctx.needs_input_grad[0]:
-            with ctx.delta.folded_into(ctx.base, values):
-                gx = (g2 @ ctx.base.to(grad.dtype)).reshape(*grad.shape[:-1], ctx.base.shape[1]).to(ctx.x_dtype)
+            with ctx.delta.effective(ctx.base, values, grad.dtype) as weight:
+                gx = (g2 @ weight).reshape(*grad.shape[:-1], ctx.base.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             dense = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)  # [rows, columns kept]
             gv = (ctx.delta.gather(dense) if ctx.delta.columns is None else ctx.delta.gather_columns(dense)).to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             gb = g2.sum(0)
         return gx, None, gv, gb, None
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``F.linear`` of a frozen weight stored narrower than the step computes in (a bf16 base in an fp32 step):
+    the weight is cast for the matmul and again in backward, never saved, and the input is not saved
+    (a frozen weight needs no gradient), so the cast costs no memory beyond one transient copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight, ctx.has_bias, ctx.x_dtype = weight, bias is not None, x.dtype
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = (g2 @ ctx.weight.to(grad.dtype)).reshape(*grad.shape[:-1], ctx.weight.shape[1]).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, None, gb
+
+
+def frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a plain ``nn.Linear`` whose frozen weight is kept in a narrower dtype than its input."""
+    device = x.device.type
+    if self.weight.dtype == x.dtype or torch.is_autocast_enabled(device):
+        return F.linear(x, self.weight, self.bias)  # autocast casts both sides itself
+    return _FrozenLinear.apply(x, self.weight, self.bias)
 
 
 def delta_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -209,4 +247,4 @@ def make_delta(entries: Entries, device: torch.device | None = None) -> nn.Modul
     return kinds.get(entries.layout, Delta)(entries, device)
 
 
-__all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward", "make_delta"]
+__all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward", "frozen_linear_forward", "make_delta"]

@@ -40,6 +40,8 @@ class LoRADelta(nn.Module):
         return (self.scale * (self.lora_B @ self.lora_A)).reshape(self.shape)
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
+        if base.dtype.itemsize < self.lora_A.dtype.itemsize:  # a bf16 base: compute base + BA in fp32, not rounded to bf16
+            return base.to(self.lora_A.dtype) + self.dense()
         return base + self.dense().to(base.dtype)
 
     def add_to(self, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -116,7 +116,8 @@ def method_name(selector_target) -> str:
 
 
 def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, output_dir: str | Path,
-                     max_batches: int | None = None, method: str | None = None) -> nn.Module:
+                     max_batches: int | None = None, method: str | None = None, base_dtype: str | None = None,
+                     checkpointing: bool | str = False) -> nn.Module:
     """Select on the first ``max_batches`` batches and attach; or re-attach the selection a previous run saved.
 
     The selection is saved to ``output_dir/selection.safetensors`` before training starts, so an
@@ -127,7 +128,17 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
 
     ``method`` is the bundle's ``method`` key: a value other than the selector's own (a ``--method gps``
     override of a bundle whose selector is FPS) is an error, since the method is chosen by a layer.
+    ``base_dtype`` (e.g. ``"bfloat16"``) stores the frozen base that low after attaching (``cast_base``);
+    ``checkpointing`` checkpoints the transformer blocks (``activation_checkpointing``).
     """
+    from medseg_peft.models.checkpointing import MODES, activation_checkpointing
+    from medseg_peft.tuning.base_dtype import cast_base, resolve_dtype
+
+    if given(base_dtype):  # bad values stop here, before any selection work
+        resolve_dtype(base_dtype)
+    checkpointing = checkpointing or False
+    if checkpointing not in MODES:
+        raise ValueError(f"checkpointing must be one of {MODES} (true, false or \"selective\"), got {checkpointing!r}")
     if given(method) and str(method).lower() != selector.method:
         raise ValueError(
             f"method={method!r} was given, but this bundle's selector is {selector!r}. A method is a layer: "
@@ -148,7 +159,8 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
         if is_main_process():
             selection.save(path)
     log.info("\n%s", selection.summary())
-    return selector.apply(network, selection)
+    network = cast_base(selector.apply(network, selection), base_dtype if given(base_dtype) else None)
+    return activation_checkpointing(network, checkpointing)
 
 
 # ---- handlers ----------------------------------------------------------------------------------
