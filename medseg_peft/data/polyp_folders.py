@@ -133,6 +133,41 @@ def check_pairs(pairs: Iterable[dict | tuple[str, str]]) -> None:
         raise ValueError("the polyp dataset has broken pairs:\n  " + "\n  ".join(problems))
 
 
+def check_masks(items: Iterable[dict], what: str = "dataset") -> None:
+    """Refuse masks whose foreground vanishes under the binarisation the transforms apply, before training.
+
+    Masks are read as the transforms read them (colour to grey) and foreground is value > 127 (> 0.5
+    for 0/1 masks). A mask with non-zero pixels that are all below that (0/100 masks, pure red masks:
+    grey 76) would train and score as empty, and empty-vs-empty scores 1: a perfect score for a broken
+    data set. A validation set whose masks are all empty cannot measure anything either.
+    """
+    import numpy as np
+
+    from medseg_peft.data.polyp_transforms import mask_to_grey
+
+    items = list(items)
+    vanished, empty = [], 0
+    for item in items:
+        try:
+            with Image.open(item["label"]) as img:
+                mask = np.asarray(mask_to_grey(img))
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"mask {item['label']} cannot be read: {err}") from err
+        top = float(mask.max()) if mask.size else 0.0
+        threshold = 127.0 if top > 1.0 else 0.5
+        if top == 0:
+            empty += 1
+        elif top <= threshold:
+            vanished.append(f"{item['label']} (max {top:g})")
+    if vanished:
+        raise ValueError(
+            f"{len(vanished)} mask(s) of the {what} have non-zero pixels but none above the foreground threshold "
+            f"(> 127 for 0-255 masks, > 0.5 for 0/1 masks), so they would count as empty: {_listing(vanished)}. "
+            "Store masks as 0/255 (or 0/1) grey images")
+    if items and empty == len(items):
+        raise ValueError(f"every one of the {len(items)} masks of the {what} is empty: the scores would measure nothing")
+
+
 def _split_key(seed: int, name: str) -> str:
     return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
 

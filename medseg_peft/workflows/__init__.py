@@ -4,6 +4,7 @@ from medseg_peft.workflows.bundle import (
     Checkpoints,
     check_shardable,
     destroy_distributed,
+    end_run,
     given,
     init_distributed,
     local_rank,
@@ -11,6 +12,7 @@ from medseg_peft.workflows.bundle import (
     on_main_process,
     resolve_device,
     select_or_resume,
+    start_run,
     train,
     train_handlers,
     unwrap,
@@ -18,6 +20,7 @@ from medseg_peft.workflows.bundle import (
     world_size,
 )
 from medseg_peft.workflows.contour_sheet import contour_sheet
+from medseg_peft.workflows.guards import base_fingerprint
 from medseg_peft.workflows.metrics import (
     PerClassScores,
     binarize,
@@ -35,6 +38,7 @@ from medseg_peft.workflows.schedule import warmup_cosine
 from medseg_peft.workflows.tuned_state import TunedState, load_tuned, save_tuned
 
 __all__ = [
+    "base_fingerprint",
     "Checkpoints",
     "check_shardable",
     "PerClassScores",
@@ -45,6 +49,7 @@ __all__ = [
     "class_iou_handler",
     "contour_sheet",
     "destroy_distributed",
+    "end_run",
     "given",
     "init_distributed",
     "local_rank",
@@ -65,6 +70,7 @@ __all__ = [
     "resolve_device",
     "save_tuned",
     "select_or_resume",
+    "start_run",
     "train",
     "train_handlers",
     "unwrap",

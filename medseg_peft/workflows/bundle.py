@@ -91,6 +91,25 @@ def check_shardable(dataset, what: str) -> None:
                          f"raise val_fraction (or add data), or run with --nproc_per_node {max(n, 1)}")
 
 
+def start_run(output_dir: str | Path, seed: int) -> None:
+    """The ``initialize`` entry of every task bundle: refuse unknown command-line keys, lock ``output_dir``
+    for this run, seed everything (MONAI's ``set_determinism``)."""
+    from monai.utils import set_determinism
+
+    from medseg_peft.workflows.guards import check_cli_keys, lock_output_dir
+
+    check_cli_keys()
+    lock_output_dir(output_dir)
+    set_determinism(seed=seed)
+
+
+def end_run(output_dir: str | Path) -> None:
+    """The ``finalize`` entry: release ``output_dir``."""
+    from medseg_peft.workflows.guards import release_output_dir
+
+    release_output_dir(output_dir)
+
+
 def destroy_distributed() -> None:
     import torch.distributed as dist
 
@@ -117,7 +136,7 @@ def method_name(selector_target) -> str:
 
 def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, output_dir: str | Path,
                      max_batches: int | None = None, method: str | None = None, base_dtype: str | None = None,
-                     checkpointing: bool | str = False) -> nn.Module:
+                     checkpointing: bool | str = False, settings: dict | None = None) -> nn.Module:
     """Select on the first ``max_batches`` batches and attach; or re-attach the selection a previous run saved.
 
     The selection is saved to ``output_dir/selection.safetensors`` before training starts, so an
@@ -129,7 +148,9 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
     ``method`` is the bundle's ``method`` key: a value other than the selector's own (a ``--method gps``
     override of a bundle whose selector is FPS) is an error, since the method is chosen by a layer.
     ``base_dtype`` (e.g. ``"bfloat16"``) stores the frozen base that low after attaching (``cast_base``);
-    ``checkpointing`` checkpoints the transformer blocks (``activation_checkpointing``).
+    ``checkpointing`` checkpoints the transformer blocks (``activation_checkpointing``). ``settings`` (what
+    defines the selection: method, data, seed, base model, ...) are recorded in the folder, and a folder
+    holding a run made with others stops here (``guards.check_run_settings``).
     """
     from medseg_peft.models.checkpointing import MODES, activation_checkpointing
     from medseg_peft.tuning.base_dtype import cast_base, resolve_dtype
@@ -145,6 +166,10 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
             f"--config_file \"['<task bundle>.json','bundles/methods/{str(method).lower()}.json']\" "
             f"(or --selector \"%bundles/methods/{str(method).lower()}.json#selector\")"
         )
+    if settings is not None:
+        from medseg_peft.workflows.guards import check_run_settings
+
+        check_run_settings(output_dir, settings)
     path = Path(output_dir) / SELECTION_FILE
     saved = broadcast_object(Selection.load(path) if is_main_process() and path.is_file() else None)
     if saved is not None:
@@ -165,14 +190,20 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
 
 # ---- handlers ----------------------------------------------------------------------------------
 def train_handlers(lr_scheduler, validator, val_interval: int, output_dir: str | Path) -> list:
-    """Every rank: the per-iteration learning-rate schedule and validation (all ranks validate together).
-    Rank 0: the progress bar, the loss log and TensorBoard."""
+    """Every rank: a stop at a non-finite loss, the per-iteration learning-rate schedule and validation (all
+    ranks validate together; the last epoch always). Rank 0: the progress bar, the loss log and TensorBoard."""
     from ignite.handlers import ProgressBar
     from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
 
+    from medseg_peft.workflows.guards import FiniteLoss, ValidateLastEpoch
+
+    if isinstance(val_interval, bool) or not isinstance(val_interval, int) or val_interval <= 0:
+        raise ValueError(f"val_interval must be a positive integer (epochs between validations), got {val_interval!r}")
     handlers = [
+        FiniteLoss(),
         LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False),
         ValidationHandler(validator=validator, interval=int(val_interval), epoch_level=True, exec_at_start=True),
+        ValidateLastEpoch(validator, int(val_interval)),
     ]
     if is_main_process():
         loss = from_engine(["loss"], first=True)
@@ -235,7 +266,7 @@ class Checkpoints:
         return path
 
     def last(self) -> Path | None:
-        found = sorted(self.directory.glob("checkpoint_epoch=*.pt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(self.directory.glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[-1]) if p.stem.split("=")[-1].isdigit() else -1)
         return found[-1] if found else None
 
     def resume(self, trainer) -> bool:
@@ -247,6 +278,7 @@ class Checkpoints:
         from monai.handlers import CheckpointLoader
 
         self.objects["trainer"] = trainer
+        self.resumed_from = None
         path = broadcast_object(str(self.last()) if is_main_process() and self.last() else None)
         if path is None:
             return True
@@ -254,7 +286,14 @@ class Checkpoints:
             raise FileNotFoundError(f"rank {rank()} cannot read checkpoint {path} that rank 0 resumes from: "
                                     "a resumed multi-node run needs an output_dir all nodes share")
         max_epochs = trainer.state.max_epochs
-        CheckpointLoader(load_path=path, load_dict=self.objects)(trainer)
+        try:
+            CheckpointLoader(load_path=path, load_dict=self.objects)(trainer)
+        except Exception as err:
+            if is_main_process():
+                os.replace(path, path + ".corrupt")
+            raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it was set aside as "
+                             f"{Path(path).name}.corrupt: run again to start from the previous checkpoint, if any, or from the start") from err
+        self.resumed_from = path
         trainer.state.max_epochs = max_epochs  # a resumed run may be asked for more epochs
         done = trainer.state.epoch
         log.info("resumed from %s at epoch %d of %d", path, done, max_epochs)
@@ -268,7 +307,10 @@ def train(trainer, evaluator, report, checkpoints: Checkpoints) -> None:
     """The run entry of every task bundle: report and checkpoints attached, resume, train."""
     report.attach(evaluator)
     checkpoints.attach(trainer)
-    if checkpoints.resume(trainer):
+    remaining = checkpoints.resume(trainer)
+    if checkpoints.resumed_from is None:
+        report.restart()  # no checkpoint (a new run, or its checkpoints were deleted): a fresh history and best
+    if remaining:
         trainer.run()
     barrier()
 
@@ -282,6 +324,7 @@ __all__ = [
     "Checkpoints",
     "check_shardable",
     "destroy_distributed",
+    "end_run",
     "given",
     "init_distributed",
     "is_distributed",
@@ -290,6 +333,7 @@ __all__ = [
     "on_main_process",
     "resolve_device",
     "select_or_resume",
+    "start_run",
     "train",
     "train_handlers",
     "unwrap",

@@ -46,7 +46,10 @@ class RunReport:
         self.key = key_metric
         self.path = self.dir / METRICS_FILE
         self.started = time.perf_counter()
-        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        try:
+            previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except ValueError as err:
+            raise ValueError(f"{self.path} is not readable JSON ({err}); move it away (the run's other files are intact) and rerun") from err
         self.data = {
             "method": method,
             "settings": settings or {},
@@ -56,6 +59,13 @@ class RunReport:
             "seconds": previous.get("seconds", 0.0),
         }
         self._seconds_before = self.data["seconds"]
+
+    def restart(self) -> None:
+        """Forget the history of an earlier run in this folder: training starts from the first epoch again."""
+        if self.data["history"]:
+            log.info("no checkpoint to resume from: starting a fresh history in %s", self.path)
+        self.data.update(zero_shot=None, history=[], best=None, seconds=0.0)
+        self._seconds_before = 0.0
 
     def attach(self, evaluator: Engine) -> None:
         """Rank 0 only under torchrun: the evaluator's metrics are already reduced over all ranks."""

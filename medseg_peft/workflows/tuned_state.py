@@ -27,16 +27,27 @@ class TunedState:
         self.network = network
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, and each delta's index beside its values (so a checkpoint is never loaded
+        onto other entries)."""
         if is_attached(self.network):
             deltas = tuning_state(self.network).deltas
-            return {f"{name}.{key}": t.detach() for name, d in deltas.items() for key, t in d.tensors().items()}
+            state = {f"{name}.{key}": t.detach() for name, d in deltas.items() for key, t in d.tensors().items()}
+            state.update({f"{name}.index": d.index for name, d in deltas.items() if getattr(d, "index", None) is not None})
+            return state
         return self.network.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         if not is_attached(self.network):
             self.network.load_state_dict(state, strict=strict)
             return
-        targets = {f"{name}.{key}": t for name, d in tuning_state(self.network).deltas.items() for key, t in d.tensors().items()}
+        deltas = tuning_state(self.network).deltas
+        for name, d in deltas.items():
+            saved = state.get(f"{name}.index")
+            if saved is not None and not torch.equal(saved.to(d.index.device).long(), d.index.long()):
+                raise ValueError(f"the checkpoint's entries of {name!r} differ from the attached selection's: it belongs to another "
+                                 "selection (delete the output folder or pick another output_dir)")
+        state = {k: v for k, v in state.items() if not k.endswith(".index")}
+        targets = {f"{name}.{key}": t for name, d in deltas.items() for key, t in d.tensors().items()}
         if set(state) != set(targets):
             raise ValueError(
                 f"checkpoint holds {len(state)} delta tensors, the attached selection has {len(targets)}; "

@@ -1,0 +1,160 @@
+"""The reliability probes of issue 13, each reproduced on the tiny model and the new behaviour asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medseg_peft as mp
+from conftest import BUNDLES, error_chain, run_workflow
+from medseg_peft.workflows.guards import FiniteLoss, RunLock, check_cli_keys, unknown_keys
+
+TINY = dict(epochs=1, synthetic_images=16, batch_size=4, image_size=64, select_batches=2, num_workers=0)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MEDSEG_PEFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def kvasir(root: Path, n: int = 10, mask_value: int = 255, mode: str = "L") -> Path:
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True), (root / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "images" / f"c{i}.png")
+        m = np.zeros((64, 64), np.uint8)
+        m[16:40, 20:44] = mask_value
+        img = Image.fromarray(m)
+        if mode == "RGB":  # a red mask: grey 76 after the colour-to-grey conversion
+            rgb = np.zeros((64, 64, 3), np.uint8)
+            rgb[16:40, 20:44, 0] = 255
+            img = Image.fromarray(rgb)
+        img.save(root / "masks" / f"c{i}.png")
+    return root
+
+
+# 1. masks whose foreground vanishes, and validation sets that measure nothing
+@pytest.mark.parametrize("value,mode", [(100, "L"), (255, "RGB")])
+def test_masks_that_would_binarise_to_nothing_are_refused(tmp_path, value, mode):
+    data = kvasir(tmp_path / "data", mask_value=value, mode=mode)
+    with pytest.raises(Exception) as info:
+        run_workflow("polyp_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(data), **TINY)
+    assert "none above the foreground threshold" in error_chain(info.value) and "c0.png" in error_chain(info.value)
+    assert not (tmp_path / "run" / "selection.safetensors").exists()
+
+
+def test_an_all_empty_validation_set_is_an_error(tmp_path):
+    data = kvasir(tmp_path / "data", mask_value=0)
+    with pytest.raises(Exception) as info:
+        run_workflow("polyp_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(data), **TINY)
+    assert "masks of the training set is empty" in error_chain(info.value) or "is empty: the scores would measure nothing" in error_chain(info.value)
+
+
+# 2. a non-finite loss stops the run at that step, naming the inputs
+def test_a_non_finite_loss_stops_naming_the_step_and_files():
+    from monai.data import MetaTensor
+
+    image = MetaTensor(torch.zeros(1, 1, 2, 2), meta={"filename_or_obj": ["/data/ct_007.nii.gz"]})
+    engine = SimpleNamespace(state=SimpleNamespace(output={"loss": torch.tensor(float("nan"))}, batch={"image": image}, epoch=3, iteration=41))
+    with pytest.raises(FloatingPointError, match=r"epoch 3, iteration 41; inputs: /data/ct_007.nii.gz"):
+        FiniteLoss()(engine)
+    engine.state.output = {"loss": torch.tensor(0.5)}
+    FiniteLoss()(engine)  # a finite loss passes
+
+
+# 3. checkpoints: atomic, a corrupt one is named and set aside, deleting them starts a fresh history
+def test_checkpoints_survive_a_torn_write_and_a_corrupt_file_is_set_aside(tmp_path):
+    out = tmp_path / "run"
+    run_workflow("polyp_fps.json", output_dir=str(out), **TINY)
+    ckpts = out / "checkpoints"
+    assert [p.name for p in ckpts.glob("*.pt")] == ["checkpoint_epoch=1.pt"]
+    (ckpts / ".checkpoint_epoch=2.pt.tmp").write_bytes(b"half a checkpoint")  # a kill during the next write leaves this
+    wf = run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "epochs": 2})
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2  # resumed from epoch 1, the torn file ignored
+    assert [p.name for p in ckpts.glob("*.pt")] == ["checkpoint_epoch=2.pt"]  # the previous one removed only after
+    (ckpts / "checkpoint_epoch=2.pt").write_bytes(b"\x00" * 100)  # a damaged disk
+    with pytest.raises(Exception) as info:
+        run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "epochs": 3})
+    assert "checkpoint_epoch=2.pt cannot be loaded" in error_chain(info.value) and "set aside" in error_chain(info.value)
+    assert (ckpts / "checkpoint_epoch=2.pt.corrupt").is_file()
+    run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "epochs": 1})  # not a dead end: starts again
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]  # a fresh history, not appended to the old one
+
+
+# 4. stale state under changed settings; the checkpoint carries its indices
+def test_a_rerun_with_other_settings_stops_and_says_what_differs(tmp_path):
+    out = tmp_path / "run"
+    run_workflow("polyp_fps.json", output_dir=str(out), **TINY)
+    with pytest.raises(Exception) as info:
+        run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "k": 1})
+    message = error_chain(info.value)
+    assert "holds a run made with other settings" in message and "selector" in message and "'k': 4" in message
+    with pytest.raises(Exception) as info:
+        run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "select_batches": 1})
+    assert "select_batches: 2 in the folder, 1 now" in error_chain(info.value)
+
+
+def test_a_checkpoint_is_never_loaded_onto_other_entries(vit, vit_batches):
+    from medseg_peft.workflows import TunedState
+
+    a = mp.FPS(k=2)(vit, vit_batches)
+    state = TunedState(a).state_dict()
+    assert any(k.endswith(".index") for k in state)
+    from conftest import tiny_vit
+
+    b = mp.FPS(k=2)(tiny_vit(seed=5), vit_batches)  # another model: other entries
+    with pytest.raises(ValueError, match="differ from the attached selection's"):
+        TunedState(b).load_state_dict(state)
+
+
+# 5. the last epoch is always validated
+def test_a_run_whose_val_interval_skips_the_last_epoch_still_has_a_result(tmp_path):
+    out = tmp_path / "run"
+    run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "epochs": 2, "val_interval": 5})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [0, 2] and metrics["best"]["epoch"] == 2
+    assert (out / "best_delta.safetensors").is_file()
+
+
+# 6. one run per folder
+def test_two_runs_in_one_folder_the_second_stops(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"from medseg_peft.workflows.guards import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+                               "import time; print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {holder.pid}\)"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(tmp_path).acquire()  # the holder is gone: its stale lock is taken over
+    assert lock.held and (tmp_path / ".lock").read_text() == str(os.getpid())
+    lock.release()
+
+
+# 7. misspelt command-line keys
+def test_unknown_command_line_keys_name_the_nearest_valid_one():
+    config = json.loads((BUNDLES / "polyp_fps.json").read_text())
+    bad = unknown_keys(["epoch", "epochs", "selector#k", "train#trainer#max_epochs", "config_file"], config)
+    assert list(bad) == ["epoch"] and bad["epoch"][0] == "epochs"
+    argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", str(BUNDLES / "polyp_fps.json"), "--epoch", "1", "--lr=0.1"]
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) for this bundle: --epoch \(did you mean --epochs"):
+        check_cli_keys(argv)
+    check_cli_keys(argv[:4] + ["--epochs", "1"])  # valid keys pass
+    check_cli_keys(["pytest", "--epoch"])  # not the MONAI command line: nothing to check
+
+
+def test_the_cli_stops_a_misspelt_key_before_any_work(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLES / "polyp_fps.json"),
+                           "--epoch", "1", "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "did you mean --epochs" in done.stdout + done.stderr
+    assert not (tmp_path / "run" / "selection.safetensors").exists()
