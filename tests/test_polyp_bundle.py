@@ -46,7 +46,8 @@ def test_bundle_runs_each_method_layer_end_to_end(layer, tmp_path):
     assert metrics["method"] == cls.method and metrics["settings"]["selector"] == saved.hparams
     assert metrics["zero_shot"]["epoch"] == 0 and "mDice" in metrics["zero_shot"] and "mIoU" in metrics["zero_shot"]
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
-    assert metrics["best"]["epoch"] == 1 and 0.0 <= metrics["best"]["mDice"] <= 1.0
+    # the untuned model is the first candidate, so the best is never worse than zero-shot
+    assert metrics["best"]["epoch"] in (0, 1) and metrics["best"]["mDice"] >= metrics["zero_shot"]["mDice"]
     assert (out / "val_contours.png").is_file() and (out / "selection.safetensors").is_file()
     assert any((out / "tensorboard").iterdir())
     network = wf.parser.get_parsed_content("network")
@@ -55,12 +56,13 @@ def test_bundle_runs_each_method_layer_end_to_end(layer, tmp_path):
         assert metrics["tuned_percent"] == pytest.approx(100.0)
         return
     assert metrics["tuned_percent"] < 100
-    # the best delta file reproduces the tuned network bit for bit on a fresh base model
+    # the best delta file reproduces the network of its epoch bit for bit on a fresh base model
     mp.load_delta(fresh, out / "best_delta.safetensors")
     x = torch.rand(2, 3, 64, 64) * 255
-    network.eval(), fresh.eval()
+    reference = network if metrics["best"]["epoch"] == 1 else mp.models.demo_segmenter(64)
+    reference.eval(), fresh.eval()
     with torch.no_grad():
-        assert torch.equal(fresh(x), network(x))
+        assert torch.equal(fresh(x), reference(x))
 
 
 def test_method_settings_are_the_methods_own(tmp_path):

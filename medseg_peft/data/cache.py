@@ -36,6 +36,9 @@ def build_once(target: Path, params: dict, build: Callable[[Path], None]) -> Pat
             return target
         if target.exists():  # a leftover without done.json: an earlier run died before finishing
             shutil.rmtree(target, ignore_errors=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the set from whoever shares the cache
         try:
             os.replace(tmp, target)
         except OSError:

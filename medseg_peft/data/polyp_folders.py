@@ -133,8 +133,9 @@ def check_pairs(pairs: Iterable[dict | tuple[str, str]]) -> None:
         raise ValueError("the polyp dataset has broken pairs:\n  " + "\n  ".join(problems))
 
 
-def check_masks(items: Iterable[dict], what: str = "dataset") -> None:
-    """Refuse masks whose foreground vanishes under the binarisation the transforms apply, before training.
+def check_contents(items: Iterable[dict], what: str = "dataset") -> None:
+    """Decode every image and mask once (a truncated file fails here, named, not in selection), and refuse
+    masks whose foreground vanishes under the binarisation the transforms apply, before training.
 
     Masks are read as the transforms read them (colour to grey) and foreground is value > 127 (> 0.5
     for 0/1 masks). A mask with non-zero pixels that are all below that (0/100 masks, pure red masks:
@@ -148,6 +149,11 @@ def check_masks(items: Iterable[dict], what: str = "dataset") -> None:
     items = list(items)
     vanished, empty = [], 0
     for item in items:
+        try:
+            with Image.open(item["image"]) as img:
+                img.load()
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"image {item['image']} cannot be decoded ({err}): a truncated or damaged file; replace or remove it") from err
         try:
             with Image.open(item["label"]) as img:
                 mask = np.asarray(mask_to_grey(img))

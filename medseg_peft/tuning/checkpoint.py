@@ -55,6 +55,7 @@ def save_delta(model: nn.Module, path: str | Path) -> Path:
         if base_entries.dtype != torch.float32:  # a bf16 base (cast_base): fingerprint the base as rounded to it
             entries_meta[name]["base_dtype"] = str(base_entries.dtype).removeprefix("torch.")
     sel = state.selection
+    checksum = tensor_checksum({k: v for k, v in tensors.items()})
     meta = {
         "format": DELTA_FORMAT,
         "version": 1,
@@ -63,8 +64,21 @@ def save_delta(model: nn.Module, path: str | Path) -> Path:
         "total_params": sel.total_params,
         "trainable": sel.num_trainable,
         "entries": entries_meta,
+        "sha256": checksum,
     }
     return atomic_save_safetensors(tensors, path, {"medseg_peft": json.dumps(meta)})
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of ``tensors``: a flipped byte changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_delta(base_model: nn.Module, path: str | Path, check_base: bool = True) -> nn.Module:
@@ -78,6 +92,9 @@ def load_delta(base_model: nn.Module, path: str | Path, check_base: bool = True)
     if is_attached(base_model):
         raise ValueError(f"{path}: load_delta needs a plain base model, this one already has attached deltas")
     meta, tensors = read_safetensors_with_meta(path, expected_format=DELTA_FORMAT)
+    if "sha256" in meta and tensor_checksum(tensors) != meta["sha256"]:
+        raise ValueError(f"{path}: the tensors do not match the file's checksum: the file is damaged (a changed byte); "
+                         "use another copy, or the run's checkpoint")
     entries = {n: entries_from_meta(n, d, tensors) for n, d in meta["entries"].items()}
     selection = Selection(entries, int(meta["total_params"]), meta.get("method", "manual"), meta.get("hparams", {}))
     params = dict(base_model.named_parameters())

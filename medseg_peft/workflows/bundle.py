@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from itertools import islice
 from pathlib import Path
@@ -91,14 +92,18 @@ def check_shardable(dataset, what: str) -> None:
                          f"raise val_fraction (or add data), or run with --nproc_per_node {max(n, 1)}")
 
 
-def start_run(output_dir: str | Path, seed: int) -> None:
-    """The ``initialize`` entry of every task bundle: refuse unknown command-line keys, lock ``output_dir``
-    for this run, seed everything (MONAI's ``set_determinism``)."""
+def start_run(output_dir: str | Path, seed: int, **numbers) -> None:
+    """The ``initialize`` entry of every task bundle, before any data or model work: errors printed short
+    and last, unknown command-line keys refused, ``numbers`` (lr, epochs, ...) and a writable
+    ``output_dir`` checked, ``output_dir`` locked for this run, everything seeded (``set_determinism``)."""
     from monai.utils import set_determinism
 
-    from medseg_peft.workflows.guards import check_cli_keys, lock_output_dir
+    from medseg_peft.workflows.guards import check_cli_keys, check_settings, lock_output_dir, short_errors
 
+    if Path(sys.argv[0]).parts[-2:] == ("bundle", "__main__.py"):
+        short_errors()
     check_cli_keys()
+    check_settings(output_dir, **numbers)
     lock_output_dir(output_dir)
     set_determinism(seed=seed)
 
@@ -178,6 +183,9 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
         selection = saved
         log.info("resuming with the selection saved in %s", path)
     else:
+        if isinstance(batches, torch.utils.data.DataLoader) and len(batches) == 0:
+            raise ValueError(f"the selection loader yields no batch: {len(batches.dataset)} training item(s) per process and "
+                             f"batch_size {batches.batch_size} with drop_last; lower batch_size or add data")
         start = time.perf_counter()
         selection = selector.select(network, islice(batches, max_batches))
         log.info("selection by %s took %.1f s", selector.method, time.perf_counter() - start)
@@ -227,6 +235,38 @@ def validation_handlers(output_dir: str | Path, *every_rank) -> list:
 
 
 # ---- checkpoints and the run -------------------------------------------------------------------
+class RandomState:
+    """The random generators' states (Python, NumPy, torch CPU and CUDA) for a resumable checkpoint, so that
+    a resumed run draws the same augmentations and shuffles as an uninterrupted one would have."""
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "gauss": float(gauss)}  # plain types: checkpoints are read with weights_only=True
+        state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        import random
+
+        import numpy as np
+
+        if not state:
+            return
+        random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Checkpoints:
     """The resumable training state: only the tuned part of the network (``TunedState``), the optimizer,
     the scheduler, the engine and any ``extra`` objects with a ``state_dict`` (e.g. EMA weights).
@@ -240,7 +280,8 @@ class Checkpoints:
         from medseg_peft.workflows.tuned_state import TunedState
 
         self.directory = Path(output_dir) / CHECKPOINT_DIR
-        self.objects = {"deltas": TunedState(unwrap(network)), "optimizer": optimizer, "lr_scheduler": lr_scheduler, **(extra or {})}
+        self.objects = {"deltas": TunedState(unwrap(network)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+                        "rng": RandomState(), **(extra or {})}
 
     def attach(self, trainer) -> None:
         from ignite.engine import Events

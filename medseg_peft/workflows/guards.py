@@ -10,6 +10,10 @@
 - :class:`FiniteLoss`: a NaN or infinite loss stops training at that step, naming the inputs.
 - :class:`ValidateLastEpoch`: the last epoch is always validated, so every finished run has a result
   even when ``val_interval`` does not divide ``epochs``.
+- :func:`short_errors`: a bundle error arrives wrapped in MONAI's ``Failed to evaluate ConfigExpression``
+  chain, the cause 40 lines up; the cause is printed last, as one line, and the traceback is kept at
+  DEBUG (``MEDSEG_PEFT_TRACEBACK=1`` prints it whole).
+- :func:`check_settings`: the numeric settings and the output folder are checked before any work.
 """
 
 from __future__ import annotations
@@ -238,5 +242,55 @@ class ValidateLastEpoch:
             self.validator.run(epoch)
 
 
+# ---- errors a user can act on -------------------------------------------------------------------
+USER_ERRORS = (ValueError, OSError, FloatingPointError, TypeError, KeyError, NotImplementedError)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception along ``__cause__`` / ``__context__`` (where a wrapped bundle error began)."""
+    seen = set()
+    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _short_excepthook(kind, err, tb, _previous=sys.excepthook):
+    cause = root_cause(err)
+    if os.environ.get("MEDSEG_PEFT_TRACEBACK") or not isinstance(cause, USER_ERRORS):
+        return _previous(kind, err, tb)
+    import traceback
+
+    log.debug("full traceback:\n%s", "".join(traceback.format_exception(kind, err, tb)))
+    message = str(cause).strip() or type(cause).__name__
+    print(f"\nmedseg-peft: {type(cause).__name__}: {message}\n(set MEDSEG_PEFT_TRACEBACK=1 for the full traceback)", file=sys.stderr, flush=True)
+
+
+def short_errors() -> None:
+    """Print a bundle run's error as one line naming its cause, last (the command line only)."""
+    if sys.excepthook is not _short_excepthook:
+        sys.excepthook = _short_excepthook
+
+
+def check_settings(output_dir: str | Path, **numbers) -> None:
+    """Positive numbers where numbers are expected (``lr``, ``epochs``, ``batch_size``, ...), and a writable
+    ``output_dir``, before any selection or training work."""
+    for key, value in numbers.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"setting {key!r} must be a number, got {value!r} ({type(value).__name__})")
+        if not value > 0 or value != value:
+            raise ValueError(f"setting {key!r} must be positive, got {value!r}")
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output_dir {folder} is not writable ({err.strerror or err}); pick another output_dir") from err
+
+
 __all__ = ["FiniteLoss", "RunLock", "ValidateLastEpoch", "base_fingerprint", "check_cli_keys", "check_run_settings",
-           "lock_output_dir", "release_output_dir", "unknown_keys"]
+           "check_settings", "lock_output_dir", "release_output_dir", "root_cause", "short_errors", "unknown_keys"]

@@ -24,7 +24,7 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
     loader (pairing, checks, transforms) is exercised by the default run too.
     """
     from medseg_peft.data import make_synthetic_polyps, polyp_datalists
-    from medseg_peft.data.polyp_folders import check_masks
+    from medseg_peft.data.polyp_folders import check_contents
 
     if given(dataset_dir):
         root = Path(dataset_dir).expanduser()
@@ -37,8 +37,8 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
     if not val:
         raise ValueError(f"{source} gives no validation images (val_fraction={val_fraction}): a run could measure nothing; "
                          "use a val_fraction in (0, 1) with enough images")
-    check_masks(train, "training set")
-    check_masks(val, "validation set")
+    check_contents(train, "training set")
+    check_contents(val, "validation set")
     log.info("data: %d training and %d validation images from %s", len(train), len(val), source)
     return {"train": train, "val": val, "source": source}
 

@@ -91,10 +91,17 @@ class RunReport:
             history[-1] = entry
         else:
             history.append(entry)
+        bad = [k for k, v in metrics.items() if v != v]
+        if bad:  # NaN: a score that cannot be right (e.g. no class present anywhere) is an error, never a number
+            raise FloatingPointError(f"validation at epoch {epoch} scored NaN for {bad}: check that the validation labels hold the classes")
         if self.data["zero_shot"] is None and epoch == 0:
             self.data["zero_shot"] = entry
             log.info("zero-shot (before tuning): %s", _fmt(metrics))
-        elif self.data["best"] is None or metrics.get(self.key, float("-inf")) > self.data["best"].get(self.key, float("-inf")):
+        if epoch == 0 and self.data["best"] is None:
+            # the untuned model is the first candidate: best_delta is never worse than not tuning at all
+            self.data["best"] = entry
+            save_tuned(self.network, self.dir / BEST_FILE)
+        elif epoch > 0 and metrics.get(self.key, float("-inf")) > self.data["best"].get(self.key, float("-inf")):
             self.data["best"] = entry
             save_tuned(self.network, self.dir / BEST_FILE)
             log.info("epoch %d: new best %s, saved %s", epoch, _fmt(metrics), self.dir / BEST_FILE)
