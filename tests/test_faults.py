@@ -235,3 +235,36 @@ def test_generated_data_folders_are_readable_by_others(tmp_path):
 
     target = build_once(tmp_path / "set", {"n": 1}, lambda folder: (folder / "x.txt").write_text("1"))
     assert target.stat().st_mode & 0o055 == 0o055 & ~os.umask(os.umask(0))
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Stopped after epoch 1 of 2 and run again: the same selection, the same random draws (global
+    generators and the transforms' own), the same schedule, hence the same metrics."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    from conftest import bundle_files
+
+    settings = {**TINY, "synthetic_images": 24, "epochs": 2}
+    run_workflow("polyp_fps.json", output_dir=str(tmp_path / "straight"), **settings)
+
+    stopped = ConfigWorkflow(config_file=bundle_files("polyp_fps.json"), meta_file=str(BUNDLES / "metadata.json"),
+                             logging_file=str(BUNDLES / "logging.conf"), workflow_type=None, output_dir=str(tmp_path / "resumed"), **settings)
+    stopped.initialize()
+    trainer = stopped.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())  # the kill, at an epoch's end
+    stopped.run()
+    stopped.finalize()
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["history"][-1]["epoch"] == 1
+    run_workflow("polyp_fps.json", output_dir=str(tmp_path / "resumed"), **settings)
+
+    straight, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))
+    assert (tmp_path / "straight" / "selection.safetensors").read_bytes() == (tmp_path / "resumed" / "selection.safetensors").read_bytes()
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a == pytest.approx(b, abs=1e-6)
+    # and the trained values themselves, which see every draw of the second epoch
+    final = [torch.load(tmp_path / d / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)["deltas"] for d in ("straight", "resumed")]
+    assert final[0].keys() == final[1].keys()
+    for key in final[0]:
+        torch.testing.assert_close(final[0][key], final[1][key], rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")

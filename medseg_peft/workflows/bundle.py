@@ -236,8 +236,13 @@ def validation_handlers(output_dir: str | Path, *every_rank) -> list:
 
 # ---- checkpoints and the run -------------------------------------------------------------------
 class RandomState:
-    """The random generators' states (Python, NumPy, torch CPU and CUDA) for a resumable checkpoint, so that
-    a resumed run draws the same augmentations and shuffles as an uninterrupted one would have."""
+    """The random generators' states (Python, NumPy, torch CPU and CUDA, and the training loader's own
+    generators: MONAI's DataLoader shuffles with a generator of its own) for a resumable checkpoint, so
+    that a resumed run draws the same augmentations and shuffles as an uninterrupted one would have."""
+
+    def __init__(self, loader=None):
+        gens = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+        self.generators = [g for i, g in enumerate(gens) if isinstance(g, torch.Generator) and g not in gens[:i]]
 
     def state_dict(self) -> dict:
         import random
@@ -250,6 +255,7 @@ class RandomState:
         state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
+        state["loader"] = [g.get_state() for g in self.generators]
         return state
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
@@ -265,23 +271,71 @@ class RandomState:
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+        for g, saved in zip(self.generators, state.get("loader", [])):
+            g.set_state(saved)
+
+
+class TransformsState:
+    """The random states of MONAI's random transforms (each keeps its own ``RandomState``, not the global
+    one), for a resumable checkpoint. torchvision transforms draw from torch's generator (``RandomState``)."""
+
+    def __init__(self, transform):
+        from monai.transforms import Randomizable
+
+        found, seen = [], set()
+
+        def visit(obj) -> None:  # every Randomizable reachable from ``transform``: dict transforms hold array ones
+            if id(obj) in seen:
+                return
+            seen.add(id(obj))
+            if isinstance(obj, (list, tuple)):
+                for item in obj:
+                    visit(item)
+                return
+            if not isinstance(obj, Randomizable) and not hasattr(obj, "transforms"):
+                return
+            if isinstance(obj, Randomizable) and hasattr(obj, "R"):
+                found.append(obj)
+            for value in vars(obj).values():
+                visit(value)
+
+        visit(transform)
+        self.randomizable = found
+
+    def state_dict(self) -> dict:
+        out = {}
+        for i, t in enumerate(self.randomizable):
+            kind, keys, pos, has_gauss, gauss = t.R.get_state()
+            out[str(i)] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos), "has_gauss": int(has_gauss),
+                           "gauss": float(gauss)}
+        return out
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        for i, t in enumerate(self.randomizable):
+            s = state.get(str(i))
+            if s is not None:
+                t.R.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
 
 
 class Checkpoints:
     """The resumable training state: only the tuned part of the network (``TunedState``), the optimizer,
-    the scheduler, the engine and any ``extra`` objects with a ``state_dict`` (e.g. EMA weights).
+    the scheduler, the engine, the random state (global generators and the training ``transforms``' own),
+    and any ``extra`` objects with a ``state_dict`` (e.g. EMA weights).
 
     Rank 0 writes one checkpoint per epoch into ``<output_dir>/checkpoints``; every rank resumes from
     the file rank 0 found, so an ``output_dir`` shared by the nodes of a multi-node run is required
     for resuming there.
     """
 
-    def __init__(self, output_dir: str | Path, network: nn.Module, optimizer, lr_scheduler, extra: dict | None = None):
+    def __init__(self, output_dir: str | Path, network: nn.Module, optimizer, lr_scheduler, transforms=None, loader=None,
+                 extra: dict | None = None):
         from medseg_peft.workflows.tuned_state import TunedState
 
         self.directory = Path(output_dir) / CHECKPOINT_DIR
         self.objects = {"deltas": TunedState(unwrap(network)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                        "rng": RandomState(), **(extra or {})}
+                        "rng": RandomState(loader), **(extra or {})}
+        if transforms is not None:
+            self.objects["transforms"] = TransformsState(transforms)
 
     def attach(self, trainer) -> None:
         from ignite.engine import Events
@@ -298,7 +352,10 @@ class Checkpoints:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"checkpoint_epoch={trainer.state.epoch}.pt"
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({name: obj.state_dict() for name, obj in self.objects.items()}, tmp)
+        with open(tmp, "wb") as f:
+            torch.save({name: obj.state_dict() for name, obj in self.objects.items()}, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
         for old in self.directory.glob("checkpoint_epoch=*.pt"):
             if old != path:
@@ -344,8 +401,30 @@ class Checkpoints:
         return True
 
 
+def random_neutral(engine) -> None:
+    """Let ``engine``'s runs leave torch's random state as they found it. A validation draws from it only
+    to seed its data loader, but a resumed run validates once more at its start: without this, its
+    training would draw other shuffles and augmentations than the uninterrupted run."""
+    from ignite.engine import Events
+
+    kept = {}
+
+    def save(_):
+        kept["cpu"] = torch.get_rng_state()
+        kept["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(_):
+        torch.set_rng_state(kept["cpu"])
+        if kept["cuda"] is not None:
+            torch.cuda.set_rng_state_all(kept["cuda"])
+
+    engine.add_event_handler(Events.STARTED, save)
+    engine.add_event_handler(Events.COMPLETED, restore)
+
+
 def train(trainer, evaluator, report, checkpoints: Checkpoints) -> None:
     """The run entry of every task bundle: report and checkpoints attached, resume, train."""
+    random_neutral(evaluator)
     report.attach(evaluator)
     checkpoints.attach(trainer)
     remaining = checkpoints.resume(trainer)
