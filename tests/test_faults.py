@@ -268,3 +268,76 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert final[0].keys() == final[1].keys()
     for key in final[0]:
         torch.testing.assert_close(final[0][key], final[1][key], rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+# 1 and 2 on volumes: all-background labels; NaN voxels stop the run naming the volume
+ORGAN = dict(epochs=1, val_interval=1, volumes_per_batch=2, slices_per_volume=4, image_size=64, select_batches=1, sw_batch_size=8)
+
+
+def _organ_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    from medseg_peft.data.synthetic_organs import make_synthetic_organs
+
+    src = make_synthetic_organs(n_train=4, seed=0)
+    return Path(shutil.copytree(src, tmp_path / "organs"))
+
+
+def test_all_background_validation_labels_are_refused(tmp_path):
+    import nibabel as nib
+
+    root = _organ_copy(tmp_path)
+    for label in (root / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(label)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), label)
+    with pytest.raises(Exception) as info:
+        run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+    assert "label of" in error_chain(info.value) and "is background only" in error_chain(info.value)
+
+
+def test_nan_voxels_stop_training_naming_the_volume(tmp_path):
+    import nibabel as nib
+
+    root = _organ_copy(tmp_path)
+    for image in (root / "imagesTr").glob("*.nii.gz"):  # every training volume: whichever slice is drawn, it holds NaN
+        img = nib.load(image)
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        data[::2] = np.nan
+        nib.save(nib.Nifti1Image(data, img.affine), image)
+    with pytest.raises(Exception) as info:
+        run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+    message = error_chain(info.value)
+    assert "is nan" in message.lower() and "imagesTr" in message
+    if (tmp_path / "run" / "best_delta.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "best_delta.safetensors")).values())
+
+
+# 3 with a real kill: SIGKILL of a running bundle, then a resume that finishes
+def test_a_sigkilled_run_resumes_and_finishes(tmp_path, tmp_path_factory):
+    import signal
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLES / "polyp_fps.json"), "--output_dir", str(out)]
+    for key, value in {**TINY, "synthetic_images": 40, "epochs": 30}.items():
+        command += [f"--{key}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = __import__("time").time() + 240
+        while proc.poll() is None and __import__("time").time() < deadline and len(list((out / "checkpoints").glob("*"))) < 1:
+            __import__("time").sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # at once, wherever it is: maybe in the middle of the next write
+        proc.wait()
+    epoch = json.loads((out / "metrics.json").read_text())["history"][-1]["epoch"]
+    assert epoch < 30
+    done = subprocess.run(command[:-2] + ["--epochs", str(epoch + 1)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["history"][-1]["epoch"] == epoch + 1
+
+
+def test_nifti_volumes_load_without_a_reader_complaint_per_file(tmp_path, capsys):
+    run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), **{**ORGAN, "synthetic_volumes": 4, "epochs": 1})
+    assert "unable to load" not in capsys.readouterr().out

@@ -342,6 +342,11 @@ def _read_labels(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(_read_itk(path))
 
 
+def label_classes(label: str | Path) -> set[int]:
+    """The class values present in a label volume (0, background, included when present)."""
+    return {int(v) for v in np.unique(_read_labels(Path(label))) if v == v}
+
+
 def _check_label_values(label: Path, classes: Iterable[int]) -> None:
     """A value outside the declared classes is a mislabelled file or a wrong class list: both need a human."""
     values = np.unique(_read_labels(label))

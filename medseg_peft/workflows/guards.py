@@ -197,6 +197,8 @@ def check_run_settings(output_dir: str | Path, settings: dict) -> dict:
 
 # ---- training-loop guards ----------------------------------------------------------------------
 def _batch_files(batch) -> list[str]:
+    if isinstance(batch, (list, tuple)):  # decollated: one dict per item
+        return list(dict.fromkeys(f for item in batch for f in _batch_files(item)))
     meta = getattr(batch.get("image"), "meta", None) if isinstance(batch, dict) else None
     names = (meta or {}).get("filename_or_obj") if meta is not None else None
     if names is None and isinstance(batch, dict):
@@ -216,6 +218,8 @@ class FiniteLoss:
 
     def __call__(self, engine) -> None:
         output = engine.state.output
+        if isinstance(output, (list, tuple)) and output:  # MONAI decollates the output: the loss is in every item
+            output = output[0]
         loss = output.get("loss") if isinstance(output, dict) else None
         if loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all()):
             return

@@ -26,7 +26,7 @@ def organ_data(dataset_dir: str | None = None, classes: Sequence[str] | Mapping 
     """
     from medseg_peft.data.synthetic_organs import make_synthetic_organs
     from medseg_peft.data.volume_folders import volume_datalists
-    from medseg_peft.data.volume_io import check_volume_pair
+    from medseg_peft.data.volume_io import check_volume_pair, label_classes
 
     if given(dataset_dir):
         root, source = dataset_dir, str(dataset_dir)
@@ -39,6 +39,12 @@ def organ_data(dataset_dir: str | None = None, classes: Sequence[str] | Mapping 
     channel = int(channel) if given(channel) else None
     for item in data["train"] + data["val"]:
         check_volume_pair(item["image"], item["label"], classes=allowed, channel=channel)
+    for split in ("train", "val"):  # labels that are background only everywhere would train and score nothing
+        if data[split] and not any(label_classes(item["label"]) - {0} for item in data[split]):
+            raise ValueError(f"every {'training' if split == 'train' else 'validation'} label of {source} is background only "
+                             f"(e.g. {data[split][0]['label']}): no class {data['classes']} appears; check the labels and their values")
+    if not data["val"]:
+        raise ValueError(f"{source} gives no validation volumes (val_fraction={val_fraction}): a run could measure nothing")
     log.info("data: %d training and %d validation volumes, classes %s, from %s",
              len(data["train"]), len(data["val"]), data["classes"], source)
     data["source"] = source
