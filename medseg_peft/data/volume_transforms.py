@@ -132,6 +132,7 @@ def label_postprocessing_config(activation: str = "softmax", writer: str = LABEL
     return probabilities_config(activation) + [
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+        {"_target_": "CastToTyped", "keys": "pred", "dtype": "$np.uint8"},  # class values, as MONAI Label's /infer returns them
         {"_target_": writer, "keys": "pred", "output_dir": "@output_dir", "postfix": "@output_postfix"},
     ]
 
