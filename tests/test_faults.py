@@ -341,3 +341,30 @@ def test_a_sigkilled_run_resumes_and_finishes(tmp_path, tmp_path_factory):
 def test_nifti_volumes_load_without_a_reader_complaint_per_file(tmp_path, capsys):
     run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), **{**ORGAN, "synthetic_volumes": 4, "epochs": 1})
     assert "unable to load" not in capsys.readouterr().out
+
+
+def test_the_exported_label_writer_is_dropped_by_monai_label_and_labels_are_uint8():
+    from monai.bundle import ConfigParser
+    from monai.transforms import SaveImaged
+
+    from medseg_peft.data.volume_transforms import label_postprocessing_config
+
+    from medseg_peft.data.volume_transforms import volume_preprocessing_config
+
+    steps = ConfigParser({"imports": ["$import medseg_peft"], "preprocessing": {"_target_": "Compose", "transforms": volume_preprocessing_config()},
+                          "output_dir": "/tmp/x", "output_postfix": "seg", "post": label_postprocessing_config()}).get_parsed_content("post")
+    kept = [t for t in steps if not isinstance(t, SaveImaged)]  # what MONAI Label's BundleInferTask keeps
+    assert len(kept) == len(steps) - 1 and type(steps[-1]).__name__ == "SaveLabelVolumed"
+    import numpy as np
+
+    assert [t for t in kept if type(t).__name__ == "CastToTyped"][0].dtype == (np.uint8,)
+
+
+def test_a_truncated_nifti_is_named(tmp_path):
+    root = _organ_copy(tmp_path)
+    victim = sorted((root / "imagesTr").glob("*.nii.gz"))[1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(Exception) as info:
+        run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+    assert f"{victim}: the voxel data cannot be read" in error_chain(info.value)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import ImageReader
-from monai.transforms import MapTransform
+from monai.data import ImageReader, NibabelReader
+from monai.transforms import MapTransform, SaveImaged
 from monai.utils import MetaKeys, SpaceKeys
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -203,6 +203,22 @@ class SimpleITKReader(ImageReader):
         if len(images) != 1:
             raise NotImplementedError(f"SimpleITKReader.get_data takes one image, got {len(images)}")
         return _xyz_array(images[0]), _itk_meta(images[0])
+
+
+class NiftiReader(NibabelReader):
+    """MONAI's nibabel reader, naming the file when its voxels cannot be read.
+
+    nibabel reads a NIfTI header eagerly and its voxels lazily, so a truncated ``.nii.gz`` fails only when
+    the data is read, with a decompression error that names no file; this reader names it.
+    """
+
+    def get_data(self, img):
+        try:
+            return super().get_data(img)
+        except Exception as err:
+            names = [str(i.get_filename()) for i in (img if isinstance(img, (list, tuple)) else [img])]
+            raise VolumeDataError(f"{', '.join(names)}: the voxel data cannot be read ({type(err).__name__}: {err}); "
+                                  "a truncated or damaged file: replace it") from err
 
 
 def _as_list(value) -> list:
@@ -500,15 +516,18 @@ def list_volumes(path: str | Path) -> list[Path]:
     return found
 
 
-class SaveLabelVolumed(MapTransform):
+class SaveLabelVolumed(SaveImaged):
     """Write ``d[key]`` (a label map on the input's own voxel grid, after ``Invertd``) with its input's geometry.
 
     The input is the file named by the image's ``filename_or_obj``; the written path goes to ``d[f"{key}_file"]``.
+    A ``SaveImaged`` by type (not by its writer), because MONAI Label drops the ``SaveImaged`` steps of a
+    bundle's post-processing: inside a MONAI Label server the label goes back to the client instead of
+    a file into the model folder.
     """
 
     def __init__(self, keys, output_dir: str | Path, postfix: str = "seg", image_key: str = "image",
                  allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
+        MapTransform.__init__(self, keys, allow_missing_keys)  # SaveImaged's own writer set-up is not used
         self.output_dir = Path(output_dir)
         self.postfix = postfix
         self.image_key = image_key

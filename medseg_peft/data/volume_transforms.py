@@ -84,12 +84,13 @@ def volume_preprocessing_config(
     ``keys[0]`` is the image; a second key is a label map (nearest-neighbour resampling, no intensity).
     ``channel`` picks one channel of a 4D image (e.g. one MR sequence of MSD BrainTumour).
     ``reader`` is the dotted path of the SimpleITK reader (NRRD, MHA, DICOM); NIfTI goes through
-    MONAI's nibabel reader.
+    MONAI's nibabel reader (as ``NiftiReader`` of the same module, which names a file it cannot read).
     """
     keys = list(keys)
     image = keys[0]
     steps: list[dict] = [
-        {"_target_": "LoadImaged", "keys": keys, "reader": [{"_target_": reader}], "image_only": False},
+        {"_target_": "LoadImaged", "keys": keys, "image_only": False,
+         "reader": [{"_target_": reader}, {"_target_": reader.rpartition(".")[0] + ".NiftiReader"}]},
         {"_target_": "EnsureChannelFirstd", "keys": keys},
     ]
     if channel is not None:
