@@ -368,3 +368,13 @@ def test_a_truncated_nifti_is_named(tmp_path):
     with pytest.raises(Exception) as info:
         run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
     assert f"{victim}: the voxel data cannot be read" in error_chain(info.value)
+
+
+def test_a_damaged_result_file_is_named(tmp_path):
+    from medseg_peft.models import demo_segmenter
+    from medseg_peft.workflows import load_tuned
+
+    bad = tmp_path / "best_delta.safetensors"
+    bad.write_bytes(b"\x07\x00garbage")
+    with pytest.raises(ValueError, match=f"result file {bad} is not a readable safetensors file"):
+        load_tuned(demo_segmenter(64), bad)

@@ -75,8 +75,11 @@ def load_tuned(network: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"result file {path} does not exist (a training run writes best_delta.safetensors in its output_dir)")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("medseg_peft", "{}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("medseg_peft", "{}")
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"result file {path} is not a readable safetensors file ({err}); rerun training, or use another copy") from err
     if json.loads(raw).get("format") == "full_state_dict":
         result = network.load_state_dict(load_file(str(path)), strict=False)
         if result.missing_keys or result.unexpected_keys:
