@@ -16,7 +16,7 @@ from statistics import mean
 
 from medseg_peft.recipes import FGVC_TASKS, VTAB_TASKS, load_recipe
 
-# means as published (research/methods.md §1.8, §3.6): 19-task mean, group mean, FGVC mean; None where not reported
+# means as published (Zhang et al., CVPR 2024, Tables 1-2; He et al., ICCV 2023, Table 1): 19-task mean, group mean, FGVC mean; None where not reported
 PUBLISHED_MEANS = {
     "GPS": {"vtab19": 75.18, "vtab_groups": 77.47, "fgvc": 91.78},
     "SPT-LoRA": {"vtab19": None, "vtab_groups": 76.4, "fgvc": 90.1},

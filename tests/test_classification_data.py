@@ -20,7 +20,10 @@ def test_every_recipe_loads_and_names_its_source(task):
     assert gps["k"] >= 1 and gps["lr"] > 0 and gps["batch_size"] in (16, 32, 64)
     assert (recipe["benchmark"] == "fgvc") == (gps["ema"] is not None)  # EMA only in the FGVC scripts
     text = (CONFIG_DIR / recipe["benchmark"] / f"{task}.yaml").read_text()
-    assert "train_gps.sh" in text and "methods.md" in text  # each file says where its numbers come from
+    # each file says where its numbers come from: the reference's real script folder, never a file outside the repository
+    gps_folder = {"cifar100": "cifar_100", "cub": "cub_2011", "flowers": "oxford_flowers", "dogs": "stanford_dogs", "cars": "stanford_cars"}
+    assert f"train_scripts/vit/{recipe['benchmark']}/{gps_folder.get(task, task)}/train_gps.sh" in text
+    assert "research/" not in text and "methods.md" not in text and "../shared" not in text
 
 
 def test_recipe_tables_match_the_published_counts():
@@ -68,3 +71,12 @@ def test_fgvc_remaps_class_ids_over_all_splits(tmp_path):
     (tmp_path / "images" / "d.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"test\.json names 1 image"):
         fgvc_splits(tmp_path)
+
+
+def test_no_code_or_config_cites_a_file_outside_the_repository():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "medseg_peft"
+    offenders = [str(p) for p in root.rglob("*") if p.suffix in (".py", ".yaml", ".json")
+                 and any(s in p.read_text(errors="ignore") for s in ("../shared", "research/methods", "methods.md", "peers.md", "ecosystem.md"))]
+    assert not offenders

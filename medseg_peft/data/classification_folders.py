@@ -1,4 +1,4 @@
-"""VTAB-1k and FGVC in the layouts the GPS / SPT loaders read (research/methods.md §6).
+"""VTAB-1k and FGVC in the layouts the GPS / SPT loaders read (FightingFighting/GPS data/vtab.py and data/fgvc.py; ziplab/SPT lib/datasets.py).
 
 VTAB-1k: ``<task>/{train800,val200,train800val200,test}.txt`` with lines ``<relative path> <label>``.
 FGVC: the VPT JSON splits ``{train,val,test}.json`` mapping relative path -> class id; ids are

@@ -8,7 +8,7 @@ work; no backward runs and no weight gradient is ever allocated. The choice is t
 output row, so FPS and GPS tune the same number of entries at the same K.
 
 Choices the paper leaves open, as parameters with the inferred reference default
-(``../shared/research/methods.md`` section 4): L1 mean of ``|x|`` over all tokens (not an L2 norm,
+(the paper, Yang, Wei, Lin, arXiv 2510.27359, has no public code): L1 mean of ``|x|`` over all tokens (not an L2 norm,
 not CLS only); conv weights scored on their unfolded input ``[in * kh * kw]``, so each kernel tap
 has its own activation mean; eval mode (no dropout / drop-path) for a deterministic score.
 """

@@ -6,7 +6,7 @@ measure per unit (the attention and the MLP of each block, separately) the angle
 ``arccos(cos(w_before, w_after))`` over the unit's parameters concatenated and flattened, and keep the
 ``N`` units that turned most (``order="smallest"``: the least-turned). The paper's exact eight
 strategies, the probe length and whether larger or smaller angles are preferred are not public
-(methods.md section 5); the names here cover its attention-only / FFN-only / first-half / last-half
+(Ye et al., arXiv 2312.15681, has no public code); the names here cover its attention-only / FFN-only / first-half / last-half
 families, plus ``last_blocks:N``, ``norm_bias`` and free glob lists.
 
 Units. A unit is every parameter under ``blocks.N.attn.`` or ``blocks.N.mlp.`` (found by the regex

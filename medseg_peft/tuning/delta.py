@@ -7,7 +7,7 @@ over ``requires_grad`` parameters holds state for the selected entries alone.
 
 The gradient of ``values`` is the dense weight gradient gathered at the index: the dense gradient
 exists only transiently inside autograd, which on GPUs is faster than any sparse kernel at these
-sparsities (``../shared/research/peers.md`` section 4.2).
+sparsities (measured in ``benchmarks/selection_costs.py``).
 """
 
 from __future__ import annotations
