@@ -207,3 +207,35 @@ def test_partial_trains_only_its_layers(vit, vit_batches, tmp_path):
         assert (not torch.equal(p, p0)) == (name in ATTN(0) | ATTN(1) | HEAD), name
     reloaded = mp.merge(mp.load_delta(copy.deepcopy(base), tmp_path / "delta.safetensors"))
     assert all(torch.equal(p, q) for p, q in zip(reloaded.parameters(), model.parameters()))
+
+
+def test_angle_to_a_given_finetuned_model_matches_a_hand_computation(vit, tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from medseg_peft.selection.partial import units_of
+
+    tuned = copy.deepcopy(vit)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(tuned.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.02 * (1 + i % 5))  # units turn by different amounts
+    path = tmp_path / "finetuned.safetensors"
+    save_file({n: p.detach().contiguous() for n, p in tuned.named_parameters()}, str(path))
+
+    sel = Partial(angle_top=2, finetuned=str(path))
+    chosen = sel.select(vit)
+    base, after = dict(vit.named_parameters()), dict(tuned.named_parameters())
+    hand = {}
+    for unit, names in units_of(vit).items():  # arccos of the cosine of the concatenated, flattened parameters
+        a = np.concatenate([base[n].detach().numpy().ravel() for n in names]).astype(np.float64)
+        b = np.concatenate([after[n].detach().numpy().ravel() for n in names]).astype(np.float64)
+        hand[unit] = float(np.arccos(np.clip(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), -1, 1)))
+    assert sel.angles == pytest.approx(hand, abs=1e-9)
+    top = sorted(hand, key=hand.get, reverse=True)[:2]
+    assert {n for u in top for n in units_of(vit)[u]} <= set(chosen.entries)
+    assert "fine-tuned model" in sel.ranked_by and sel.hparams()["finetuned"] == str(path)
+    with pytest.raises(ValueError, match="needs angle_top"):
+        Partial(strategy="attn", finetuned=str(path))
+    with pytest.raises(FileNotFoundError, match="best_delta.safetensors"):
+        Partial(angle_top=1, finetuned=str(tmp_path)).select(vit)

@@ -1,13 +1,17 @@
 """Partial fine-tuning (Ye et al., arXiv 2312.15681): whole layers trained, everything else frozen.
 
 Layers are chosen either by a hand-written ``strategy`` or by the paper's fine-tuned angle metric
-(``angle_top=N``): fine-tune *all* weights of a copy of the model briefly on the selection batches,
-measure per unit (the attention and the MLP of each block, separately) the angle
-``arccos(cos(w_before, w_after))`` over the unit's parameters concatenated and flattened, and keep the
-``N`` units that turned most (``order="smallest"``: the least-turned). The paper's exact eight
-strategies, the probe length and whether larger or smaller angles are preferred are not public
-(Ye et al., arXiv 2312.15681, has no public code); the names here cover its attention-only / FFN-only / first-half / last-half
-families, plus ``last_blocks:N``, ``norm_bias`` and free glob lists.
+(``angle_top=N``): per unit (the attention and the MLP of each block, separately), the angle
+``arccos(cos(w_before, w_after))`` over the unit's parameters concatenated and flattened, between the
+pre-trained weights and *fine-tuned* ones, keeping the ``N`` units that turned most
+(``order="smallest"``: the least-turned). ``finetuned=`` names those fine-tuned weights (a completed
+full fine-tuning run of the same bundle, or a user's file): that is the paper's metric. Without it a
+short probe (a copy of the model fine-tuned for ``probe_steps`` Adam steps on the selection batches)
+stands in, as a cheap approximation that can rank layers differently; the log says which one ranked
+them. The paper has no public code (Ye et al., arXiv 2312.15681): its eight manual strategies, and
+whether larger or smaller angles are preferred, are our reading of it; the names here cover its
+attention-only / FFN-only / first-half / last-half families, plus ``last_blocks:N``, ``norm_bias`` and
+free glob lists.
 
 Units. A unit is every parameter under ``blocks.N.attn.`` or ``blocks.N.mlp.`` (found by the regex
 ``(^|\\.)blocks\\.(\\d+)\\.(attn|mlp)\\.``), so the same names work on a timm ViT (``blocks.N.attn.qkv``,
@@ -34,6 +38,7 @@ import math
 import re
 from dataclasses import field
 from itertools import islice
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -128,6 +133,36 @@ def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]
     return [n for n in names if n in wanted]
 
 
+def finetuned_state(model: nn.Module, source: str | Path) -> dict[str, torch.Tensor]:
+    """The fine-tuned weights named like ``model``'s parameters, from a run folder (its
+    ``best_delta.safetensors``), a result or delta file of this package, a plain ``.safetensors`` state
+    dict, or a ``.pt`` / ``.pth`` state dict (read with ``weights_only=True``)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "best_delta.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"fine-tuned weights {path} do not exist (a run folder holds best_delta.safetensors)")
+    if path.suffix == ".safetensors":
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("medseg_peft", "{}"))
+        if meta.get("format") == "medseg_peft.delta":  # a sparse / LoRA result: apply it to a copy of the base
+            from medseg_peft.tuning import load_delta, merge
+
+            return {n: p.detach() for n, p in merge(load_delta(copy.deepcopy(model), path)).named_parameters()}
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
 def angle(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
     """``arccos`` of the cosine between two parameter sets, each concatenated and flattened (radians)."""
     a = torch.cat([t.detach().double().reshape(-1) for t in before])
@@ -149,7 +184,10 @@ class Partial(Selector):
             ``"norm_bias"`` (every norm parameter and every bias), or a list of glob patterns matched
             (``fnmatch``) against parameter names (one pattern may also be given as a string).
         angle_top: instead of a strategy, the number of units (a block's attention or MLP) to train,
-            ranked by their angle after a short probe fine-tune. Give exactly one of the two.
+            ranked by their angle to ``finetuned`` weights, or after a short probe fine-tune without
+            them. Give exactly one of the two.
+        finetuned: a run folder (its ``best_delta.safetensors``), a result / delta file of this package,
+            or a ``.safetensors`` / ``.pt`` state dict of the fine-tuned model: the paper's angle.
         order: ``"largest"`` (default) or ``"smallest"`` angles first.
         probe_steps, probe_lr: the probe: this many Adam steps over the selection batches (cycled;
             only the first ``probe_steps`` batches are ever read), all weights trainable, train mode.
@@ -175,6 +213,7 @@ class Partial(Selector):
     loss: str | Callable = field(default="ce", kw_only=True)
     train_head: bool = field(default=True, kw_only=True)
     max_batches: int | None = field(default=None, kw_only=True)
+    finetuned: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,6 +234,13 @@ class Partial(Selector):
             raise ValueError(f"probe_lr must be positive, got {self.probe_lr!r}")
         if not callable(self.loss) and self.loss != "ce":
             raise ValueError(f"Partial's angle probe needs loss='ce' or a callable (outputs, targets) -> loss, got {self.loss!r}")
+        if self.finetuned is not None:
+            if angle_top is None:
+                raise ValueError("finetuned= ranks units by their angle: it needs angle_top=N")
+            if not isinstance(self.finetuned, (str, Path)):
+                raise ValueError(f"finetuned must be a weights file or a run folder, got {type(self.finetuned).__name__}")
+            self.finetuned = str(self.finetuned)
+        self.ranked_by = ""
         self.strategy = strategy if strategy is None or isinstance(strategy, str) else list(strategy)
         self.probe_lr = float(self.probe_lr)
         self.angles: dict[str, float] = {}
@@ -243,20 +289,34 @@ class Partial(Selector):
         del probe, opt
         return angles
 
+    def finetuned_angles(self, model: nn.Module) -> dict[str, float]:
+        """``{unit: angle between the base weights and those of the fine-tuned model in self.finetuned}``: the paper's metric."""
+        tuned = finetuned_state(model, self.finetuned)
+        before = dict(model.named_parameters())
+        units = units_of(model)
+        missing = [n for ns in units.values() for n in ns if n not in tuned]
+        if missing:
+            raise ValueError(f"the fine-tuned weights in {self.finetuned} lack {len(missing)} unit parameter(s) of this model, e.g. {missing[:3]}")
+        return {u: angle([before[n] for n in ns], [tuned[n] for n in ns]) for u, ns in units.items()}
+
     def angle_units(self, model: nn.Module, batches: Iterable) -> list[str]:
-        """The parameter names of the ``angle_top`` units ranked first by the probe's angles."""
+        """The parameter names of the ``angle_top`` units ranked first by their angles: to a fine-tuned model
+        (``finetuned``, the paper's metric) or after a short probe (the cheap approximation)."""
         units = units_of(model)
         if self.angle_top > len(units):
             raise ValueError(f"angle_top={self.angle_top} but the model has only {len(units)} units (attention and MLP per block)")
-        self.angles = self.probe_angles(model, batches)
+        if self.finetuned is not None:
+            self.angles = self.finetuned_angles(model)
+            self.ranked_by = f"the fine-tuned model {self.finetuned}"
+        else:
+            self.angles = self.probe_angles(model, batches)
+            self.ranked_by = (f"a probe of {self.probe_steps} Adam steps at lr {self.probe_lr:g} "
+                              "(an approximation of the fine-tuned angle; pass finetuned= for the paper's metric)")
         ranked = sorted(units, key=self.angles.__getitem__, reverse=self.order == "largest")  # stable: ties keep model order
         chosen = set(ranked[: self.angle_top])
         width = max(len(u) for u in units)
         table = "\n".join(
             f"  {u.ljust(width)}  {math.degrees(self.angles[u]):10.5f}{'  *' if u in chosen else ''}" for u in units
         )
-        log.info(
-            "Partial: fine-tuned angle per unit in degrees (%d probe steps, lr %g; * = the %d %s):\n%s",
-            self.probe_steps, self.probe_lr, self.angle_top, self.order, table,
-        )
+        log.info("Partial: angle per unit in degrees, ranked by %s (* = the %d %s):\n%s", self.ranked_by, self.angle_top, self.order, table)
         return [n for u in units if u in chosen for n in units[u]]
