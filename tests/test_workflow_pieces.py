@@ -125,3 +125,24 @@ def test_each_task_bundle_has_metadata_that_verifies(meta):
     described = json.loads((BUNDLES / meta).read_text())
     task = {"metadata.json": "polyp", "organ_metadata.json": "organ", "classify_metadata.json": "classification"}[meta]
     assert task in described["name"].lower() or task in described["task"].lower()
+
+
+def test_classification_lr_follows_timms_per_epoch_cosine():
+    from timm.scheduler import CosineLRScheduler
+
+    from medseg_peft.workflows import timm_epoch_cosine
+
+    base, iters, epochs, cooldown = 1e-2, 7, 100, 10
+    ours_opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=base)
+    ours = timm_epoch_cosine(ours_opt, iters, epochs, warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8)
+    ref_opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=base)
+    ref = CosineLRScheduler(ref_opt, t_initial=epochs, lr_min=1e-8, warmup_t=10, warmup_lr_init=1e-7, cycle_limit=1, t_in_epochs=True)
+    seen = {}
+    for epoch in range(epochs + cooldown):
+        ref.step(epoch)  # as the reference scripts step it, at each epoch's start
+        for it in range(iters):
+            seen.setdefault(epoch, set()).add(ours_opt.param_groups[0]["lr"])
+            ours.step()
+        assert all(v == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12) for v in seen[epoch]), epoch
+    assert min(seen[0]) == pytest.approx(1e-7) and min(seen[105]) == pytest.approx(1e-8)  # warm-up start, cool-down at min_lr
+    assert len(seen[50]) == 1  # constant within an epoch

@@ -34,7 +34,7 @@ from medseg_peft.workflows.metrics import (
 from medseg_peft.workflows.organ import num_outputs, organ_data, organ_loss, organ_network, organ_postprocessing, volume_inputs
 from medseg_peft.workflows.polyp import polyp_data, polyp_network
 from medseg_peft.workflows.report import RunReport
-from medseg_peft.workflows.schedule import warmup_cosine
+from medseg_peft.workflows.schedule import timm_epoch_cosine, warmup_cosine
 from medseg_peft.workflows.tuned_state import TunedState, load_tuned, save_tuned
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "unwrap",
     "validation_handlers",
     "volume_inputs",
+    "timm_epoch_cosine",
     "warmup_cosine",
     "world_size",
 ]
