@@ -207,3 +207,23 @@ def test_the_papers_transforms():
     assert classification_transforms(classification_recipe("dtd", "spt"), train=False).transforms[-1].mean == (0.485, 0.456, 0.406)
     views = classification_transforms(classification_recipe("dtd"), train=True, views=2)(Image.new("RGB", (40, 30)))
     assert len(views) == 2 and views[0].shape == (3, 224, 224)
+
+
+def test_spt_training_decays_only_weight_matrices_and_runs_in_fp32(vit, vit_batches):
+    import medseg_peft as mp
+
+    from medseg_peft.workflows.classify import classification_optimizer, classification_recipe
+
+    recipe = classification_recipe("dtd", "spt")
+    assert recipe["optimizer"] == "adamw" and recipe["amp"] is False  # the bundle's amp key reads it
+    assert classification_recipe("dtd", "gps")["amp"] is True
+    model = mp.SPT(budget=3000, rank=2)(vit, vit_batches)
+    opt = classification_optimizer(recipe, model)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == recipe["weight_decay"] and no_decay["weight_decay"] == 0.0
+    state = mp.tuning.tuning_state(model)
+    by_tensor = {id(t): name for name, d in state.deltas.items() for t in d.tensors().values()}
+    assert all(len(state.deltas[by_tensor[id(t)]].shape) >= 2 for t in decay["params"])
+    assert all(len(state.deltas[by_tensor[id(t)]].shape) == 1 or "cls_token" in by_tensor[id(t)] for t in no_decay["params"])
+    assert any("head.bias" in by_tensor[id(t)] for t in no_decay["params"]) and decay["params"]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(mp.trainable_parameters(model))

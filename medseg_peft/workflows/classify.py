@@ -204,9 +204,31 @@ def top1_metric():
     return Accuracy(output_transform=lambda out: (out["pred"].float(), out["label"])) * 100.0
 
 
-def classification_optimizer(recipe: dict, params, lr: float | None = None) -> torch.optim.Optimizer:
-    """Adam with no weight decay (GPS's scripts), or AdamW with the recipe's decay (SPT's); ``lr`` overrides the recipe's."""
+def decay_groups(network: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable tensors in two groups, as timm's ``param_groups_weight_decay`` sorts a model's parameters
+    for the SPT script (ziplab/SPT train_spt.py): decay for the tensors of weight matrices, none for what
+    belongs to a 1-D parameter (biases, norms) or to the cls token. With deltas attached, a delta's group is
+    that of the parameter it changes, whatever the shape of its values."""
+    from medseg_peft.tuning import is_attached, tuning_state
+
+    decay, no_decay = [], []
+    if is_attached(network):
+        for name, delta in tuning_state(network).deltas.items():
+            matrix = len(delta.shape) >= 2 and "cls_token" not in name
+            (decay if matrix else no_decay).extend(delta.tensors().values())
+    else:
+        for name, p in network.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and "cls_token" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def classification_optimizer(recipe: dict, network: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """Adam with no weight decay (GPS's scripts), or AdamW with the recipe's decay on weight matrices only
+    (SPT's); ``lr`` overrides the recipe's."""
+    from medseg_peft.tuning import trainable_parameters
+
     lr, wd = float(lr if given(lr) else recipe["lr"]), float(recipe.get("weight_decay") or 0.0)
     if recipe.get("optimizer", "adam") == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(decay_groups(network, wd), lr=lr, weight_decay=wd)
+    return torch.optim.Adam(trainable_parameters(network), lr=lr, weight_decay=wd)
