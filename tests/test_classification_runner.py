@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -227,3 +228,25 @@ def test_spt_training_decays_only_weight_matrices_and_runs_in_fp32(vit, vit_batc
     assert all(len(state.deltas[by_tensor[id(t)]].shape) == 1 or "cls_token" in by_tensor[id(t)] for t in no_decay["params"])
     assert any("head.bias" in by_tensor[id(t)] for t in no_decay["params"]) and decay["params"]
     assert len(decay["params"]) + len(no_decay["params"]) == len(mp.trainable_parameters(model))
+
+
+def test_spt_sensitivity_reads_the_first_512_train800_images_in_file_order(tmp_path, monkeypatch):
+    from monai.bundle import ConfigWorkflow
+    from torch.utils.data import SequentialSampler
+
+    from conftest import BUNDLES, bundle_files
+
+    wf = ConfigWorkflow(config_file=bundle_files(["classify.json", "methods/spt.json"]), meta_file=str(BUNDLES / "classify_metadata.json"),
+                        logging_file=False, workflow_type=None, output_dir=str(tmp_path / "run"), num_workers=0)
+    wf.initialize()
+    try:
+        loader = wf.parser.get_parsed_content("select#dataloader")
+        data = wf.parser.get_parsed_content("data")
+        train800 = (Path(data["source"]) / "train800.txt").read_text().split("\n")
+        expected = [line.split()[0] for line in train800 if line.strip()][:512]
+        assert [Path(i["image"]).name for i in loader.dataset.items] == [Path(e).name for e in expected]
+        assert loader.batch_size == 32 and isinstance(loader.sampler, SequentialSampler) and not loader.drop_last
+        gps = wf.parser.get_parsed_content("train#dataloader")
+        assert len(data["train"]) > 512 and len(gps.dataset) == len(data["train"])  # training still reads train800val200
+    finally:
+        wf.finalize()

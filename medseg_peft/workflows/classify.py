@@ -51,8 +51,16 @@ def classification_recipe(task: str | None = None, method: str = "gps", **overri
     return recipe
 
 
-def classification_data(recipe: dict, data_root: str | None = None, split_mode: str = "test", seed: int = 0) -> dict:
-    """``{"train", "eval": [{"image", "label"}], "source"}`` from the task folder under ``data_root``."""
+SPT_SENSITIVITY_IMAGES = 512  # ziplab/SPT: sensitivity from the first 512 train800 images, in file order, batch 32
+SPT_SENSITIVITY_BATCH = 32
+
+
+def classification_data(recipe: dict, data_root: str | None = None, split_mode: str = "test", seed: int = 0,
+                        method: str | None = None) -> dict:
+    """``{"train", "eval", "select": [{"image", "label"}], "source"}`` from the task folder under ``data_root``.
+
+    ``select`` are the selection batches' images: the training images, except for SPT, whose sensitivity
+    the reference computes on the first 512 images of ``train800`` (``train`` for FGVC) in file order."""
     from medseg_peft.data.classification_folders import fgvc_splits, vtab_split
     from medseg_peft.data.synthetic_classes import make_synthetic_vtab
 
@@ -75,8 +83,12 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
         splits = fgvc_splits(folder, ("train", "val", "test"), recipe.get("image_dir", ""), c)
         train = splits["train"] + splits["val"] if split_mode == "test" else splits["train"]
         evaluation = splits["test"] if split_mode == "test" else splits["val"]
+    select = train
+    if method == "spt":
+        first = vtab_split(folder, "train800", c) if recipe["benchmark"] == "vtab" else fgvc_splits(folder, ("train",), recipe.get("image_dir", ""), c)["train"]
+        select = first[:SPT_SENSITIVITY_IMAGES]
     log.info("%s: %d training and %d evaluation images from %s (split_mode %s)", recipe["task"], len(train), len(evaluation), folder, split_mode)
-    return {"train": train, "eval": evaluation, "source": str(folder)}
+    return {"train": train, "eval": evaluation, "select": select, "source": str(folder)}
 
 
 def classification_transforms(recipe: dict, train: bool, views: int = 1, image_size: int | None = None):
