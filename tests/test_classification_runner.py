@@ -250,3 +250,15 @@ def test_spt_sensitivity_reads_the_first_512_train800_images_in_file_order(tmp_p
         assert len(data["train"]) > 512 and len(gps.dataset) == len(data["train"])  # training still reads train800val200
     finally:
         wf.finalize()
+
+
+def test_spt_fgvc_protocol_trains_on_train_only_without_ema_or_mixup(tmp_path):
+    from medseg_peft.workflows.classify import classification_data, classification_recipe
+
+    fake_fgvc(tmp_path)
+    spt, gps = classification_recipe("flowers", "spt"), classification_recipe("flowers", "gps")
+    assert spt["ema"] is None and spt["mixup"] == 0 and spt["cutmix"] == 0 and spt["train_split"] == ["train"]
+    assert gps["ema"] == 0.99 and gps["mixup"] == 0.8  # GPS's FGVC recipe is unchanged
+    n_spt = len(classification_data(spt, str(tmp_path))["train"])
+    n_gps = len(classification_data(gps, str(tmp_path))["train"])
+    assert n_gps - n_spt == 4  # the fake set's 4 val images train GPS only

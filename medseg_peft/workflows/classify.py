@@ -45,6 +45,8 @@ def classification_recipe(task: str | None = None, method: str = "gps", **overri
         recipe.update(full["gps"])
         if method == "spt":
             recipe.update({k: v for k, v in full["spt"].items() if k != "budgets"})
+            if recipe["benchmark"] == "fgvc":  # SPT's FGVC protocol: train split only, without GPS's EMA and mixup
+                recipe.update(train_split=["train"], ema=None, mixup=0.0, cutmix=0.0)
         recipe.setdefault("image_size", 224)
         recipe["budget"] = 400_000  # SPT picks 0.2-0.8 M per task on validation (full["spt"]["budgets"]); the middle
     recipe.update({k: v for k, v in overrides.items() if given(v)})
@@ -81,7 +83,8 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
         train, evaluation = vtab_split(folder, train_split, c), vtab_split(folder, eval_split, c)
     else:
         splits = fgvc_splits(folder, ("train", "val", "test"), recipe.get("image_dir", ""), c)
-        train = splits["train"] + splits["val"] if split_mode == "test" else splits["train"]
+        parts = recipe.get("train_split") or ["train", "val"]
+        train = [item for part in parts for item in splits[part]] if split_mode == "test" else splits["train"]
         evaluation = splits["test"] if split_mode == "test" else splits["val"]
     select = train
     if method == "spt":
