@@ -105,6 +105,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_process_first(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 first, then on the other ranks (e.g. building a cached data set
+    once, which the others then find complete)."""
+    if not is_main_process():
+        barrier()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if is_main_process():
+            barrier()
+
+
 __all__ = [
     "all_reduce_sum",
     "average_gradients",
@@ -114,6 +126,7 @@ __all__ = [
     "gather_objects",
     "is_distributed",
     "is_main_process",
+    "main_process_first",
     "rank",
     "world_size",
 ]

@@ -34,7 +34,7 @@ def build_once(target: Path, params: dict, build: Callable[[Path], None]) -> Pat
         (tmp / DONE_MARKER).write_text(json.dumps(params, indent=2) + "\n")
         if (target / DONE_MARKER).is_file():  # another process finished first: keep its copy
             return target
-        if target.exists():  # a leftover without done.json: an earlier run died before finishing
+        if target.exists() and not (target / DONE_MARKER).is_file():  # a leftover of a run that died before finishing
             shutil.rmtree(target, ignore_errors=True)
         umask = os.umask(0)
         os.umask(umask)

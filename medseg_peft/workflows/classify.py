@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medseg_peft.distributed import main_process_first
 from medseg_peft.workflows.bundle import given
 
 log = logging.getLogger("medseg_peft")
@@ -69,7 +70,7 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
     if split_mode not in ("test", "val"):
         raise ValueError(f"split_mode must be 'test' (train on train+val, evaluate on test) or 'val', got {split_mode!r}")
     if recipe["task"] == SYNTHETIC_RECIPE["task"]:
-        folder = make_synthetic_vtab("counting", seed=seed)
+        folder = main_process_first(make_synthetic_vtab, "counting", seed=seed)
     elif not given(data_root):
         raise ValueError(f"task {recipe['task']!r} needs data_root: the folder holding {recipe['folder']}/ "
                          f"({'VTAB-1k split files' if recipe['benchmark'] == 'vtab' else 'FGVC JSON splits'})")

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
+from medseg_peft.distributed import main_process_first
 from medseg_peft.workflows.bundle import given
 
 log = logging.getLogger("medseg_peft")
@@ -31,7 +32,7 @@ def organ_data(dataset_dir: str | None = None, classes: Sequence[str] | Mapping 
     if given(dataset_dir):
         root, source = dataset_dir, str(dataset_dir)
     else:
-        root = make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
+        root = main_process_first(make_synthetic_organs, n_train=synthetic_volumes, seed=seed)
         source = f"synthetic CT organs ({synthetic_volumes} labelled volumes) in {root}"
         log.info("no dataset_dir given: using %s", source)
     data = volume_datalists(root, classes=classes if given(classes) else None, val_fraction=val_fraction, seed=seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from medseg_peft.distributed import main_process_first
 from medseg_peft.workflows.bundle import given
 
 log = logging.getLogger("medseg_peft")
@@ -30,7 +31,7 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
         root = Path(dataset_dir).expanduser()
         source = str(root)
     else:
-        root = make_synthetic_polyps(n_images=synthetic_images, size=synthetic_size, seed=seed)
+        root = main_process_first(make_synthetic_polyps, n_images=synthetic_images, size=synthetic_size, seed=seed)
         source = f"synthetic polyps ({synthetic_images} images, {synthetic_size} px) in {root}"
         log.info("no dataset_dir given: using %s", source)
     train, val = polyp_datalists(root, val_fraction=val_fraction, seed=seed)
