@@ -235,6 +235,18 @@ def validation_handlers(output_dir: str | Path, *every_rank) -> list:
 
 
 # ---- checkpoints and the run -------------------------------------------------------------------
+def numpy_state(generator) -> dict:
+    """A NumPy generator's state (``np.random`` or a ``RandomState``) as plain types and a tensor:
+    checkpoints are read with ``weights_only=True``, which refuses NumPy arrays."""
+    kind, keys, pos, has_gauss, gauss = generator.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def set_numpy_state(generator, state: dict) -> None:
+    """Restore a state :func:`numpy_state` took."""
+    generator.set_state((state["kind"], state["keys"].numpy().astype("uint32"), state["pos"], state["has_gauss"], state["gauss"]))
+
+
 class RandomState:
     """The random generators' states (Python, NumPy, torch CPU and CUDA, and the training loader's own
     generators: MONAI's DataLoader shuffles with a generator of its own) for a resumable checkpoint, so
@@ -249,10 +261,7 @@ class RandomState:
 
         import numpy as np
 
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "gauss": float(gauss)}  # plain types: checkpoints are read with weights_only=True
-        state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+        state = {"python": random.getstate(), "numpy": numpy_state(np.random), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         state["loader"] = [g.get_state() for g in self.generators]
@@ -266,8 +275,7 @@ class RandomState:
         if not state:
             return
         random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-        n = state["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        set_numpy_state(np.random, state["numpy"])
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -303,18 +311,12 @@ class TransformsState:
         self.randomizable = found
 
     def state_dict(self) -> dict:
-        out = {}
-        for i, t in enumerate(self.randomizable):
-            kind, keys, pos, has_gauss, gauss = t.R.get_state()
-            out[str(i)] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos), "has_gauss": int(has_gauss),
-                           "gauss": float(gauss)}
-        return out
+        return {str(i): numpy_state(t.R) for i, t in enumerate(self.randomizable)}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         for i, t in enumerate(self.randomizable):
-            s = state.get(str(i))
-            if s is not None:
-                t.R.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
+            if str(i) in state:
+                set_numpy_state(t.R, state[str(i)])
 
 
 class Checkpoints:
