@@ -46,8 +46,9 @@ def classification_recipe(task: str | None = None, method: str = "gps", **overri
         recipe.update(full["gps"])
         if method == "spt":
             recipe.update({k: v for k, v in full["spt"].items() if k != "budgets"})
-            if recipe["benchmark"] == "fgvc":  # SPT's FGVC protocol: train split only, without GPS's EMA and mixup
-                recipe.update(train_split=["train"], ema=None, mixup=0.0, cutmix=0.0)
+            if recipe["benchmark"] == "fgvc":  # SPT's FGVC protocol: train split only, without GPS's EMA, mixup and
+                # smoothing (as its VTAB scripts pass --mixup=0 --cutmix=0 --smoothing=0), and its own transforms
+                recipe.update(train_split=["train"], ema=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, transforms="spt_fgvc")
         recipe.setdefault("image_size", 224)
         recipe["budget"] = 400_000  # SPT picks 0.2-0.8 M per task on validation (full["spt"]["budgets"]); the middle
     recipe.update({k: v for k, v in overrides.items() if given(v)})
@@ -98,7 +99,10 @@ def classification_data(recipe: dict, data_root: str | None = None, split_mode: 
 def classification_transforms(recipe: dict, train: bool, views: int = 1, image_size: int | None = None):
     """The papers' transforms: VTAB a bicubic squash to the input size, no augmentation; FGVC random-resized
     crop (random interpolation) + flip for training, bicubic resize to floor(size / 0.9) (248 for 224, timm's crop_pct 0.9) + centre
-    crop for evaluation.
+    crop for evaluation. SPT on FGVC (``transforms="spt_fgvc"``) squashes to 256 x 256 (bicubic; 256/224 of
+    the input size), then crops the input size, randomly with a flip for training, centred for evaluation
+    (ziplab/SPT lib/datasets.py ``build_transform`` without ``--direct_resize``; its ``JSONDataset`` uses the
+    training transform for the sensitivity pass as well).
 
     ``views=2`` gives GPS's selection views: two independent random-resized crops with flip, colour
     jitter and grey-scale (the reference's two-crop transform).
@@ -112,6 +116,10 @@ def classification_transforms(recipe: dict, train: bool, views: int = 1, image_s
         one = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), *tail])
         return lambda img: [one(img), one(img)]
+    if recipe["transforms"] == "spt_fgvc":
+        squash = T.Resize((256 * size // 224,) * 2, interpolation=T.InterpolationMode.BICUBIC)  # int(256 / 224 * size), as SPT
+        crop = [T.RandomCrop(size), T.RandomHorizontalFlip(0.5)] if train else [T.CenterCrop(size)]
+        return T.Compose([squash, *crop, *tail])
     if recipe["transforms"] == "fgvc":
         if train:  # timm's "random" interpolation, as the FGVC scripts use: bilinear or bicubic per image
             crops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=mode)

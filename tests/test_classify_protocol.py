@@ -1,0 +1,67 @@
+"""The classification protocols of the reference scripts: SPT's FGVC transforms, GPS's selection views,
+GPS's autocast dtype, raw and EMA top-1 in metrics.json, SPT's per-task budget sweep."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from torchvision import transforms as T
+
+from medseg_peft.workflows.classify import classification_recipe, classification_transforms
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def steps(compose) -> list[str]:
+    return [type(t).__name__ for t in compose.transforms]
+
+
+@pytest.mark.parametrize("size, squash", [(224, 256), (32, 36), (384, 438)])
+def test_spt_fgvc_transforms_squash_then_crop(size, squash):
+    """ziplab/SPT lib/datasets.py build_transform (no --direct_resize): Resize((256, 256), bicubic), RandomCrop 224
+    + flip 0.5 for training, CenterCrop 224 for evaluation, ImageNet mean / std; 256/224 of other input sizes."""
+    recipe = classification_recipe("cub", "spt")
+    assert recipe["transforms"] == "spt_fgvc" and recipe["label_smoothing"] == 0.0
+    train = classification_transforms(recipe, train=True, image_size=size)
+    evaluation = classification_transforms(recipe, train=False, image_size=size)
+    assert steps(train) == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert steps(evaluation) == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    for resize in (train.transforms[0], evaluation.transforms[0]):
+        assert resize.size == (squash, squash)
+        assert resize.interpolation == T.InterpolationMode.BICUBIC
+    assert train.transforms[1].size == (size, size) and train.transforms[1].padding is None
+    assert train.transforms[2].p == 0.5 and evaluation.transforms[1].size == (size, size)
+    for t in (train, evaluation):
+        assert (tuple(t.transforms[-1].mean), tuple(t.transforms[-1].std)) == IMAGENET
+    assert train(Image.new("RGB", (50, 40))).shape == (3, size, size) == evaluation(Image.new("RGB", (50, 40))).shape
+
+
+def test_gps_fgvc_transforms_are_unchanged():
+    recipe = classification_recipe("cub", "gps")
+    assert recipe["transforms"] == "fgvc"
+    train = classification_transforms(recipe, train=True)
+    assert steps(train) == ["RandomChoice", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert all(isinstance(c, T.RandomResizedCrop) and c.size == (224, 224) and c.scale == (0.08, 1.0) for c in train.transforms[0].transforms)
+    evaluation = classification_transforms(recipe, train=False)
+    assert steps(evaluation) == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert evaluation.transforms[0].size == 248 and evaluation.transforms[0].interpolation == T.InterpolationMode.BICUBIC
+    assert tuple(train.transforms[-1].mean) == (0.5, 0.5, 0.5) == tuple(evaluation.transforms[-1].std)
+    # SPT's VTAB transform stays the bicubic squash
+    assert steps(classification_transforms(classification_recipe("dtd", "spt"), train=True)) == ["Resize", "ToTensor", "Normalize"]
+
+
+def test_spt_fgvc_sensitivity_reads_train_images_through_the_training_transform(tmp_path):
+    """SPT's JSONDataset builds the "train" split with the training transform, and its sensitivity pass reads that split."""
+    from monai.bundle import ConfigWorkflow
+
+    from conftest import BUNDLES, bundle_files
+    from test_classification_runner import fake_fgvc
+
+    fake_fgvc(tmp_path)
+    wf = ConfigWorkflow(config_file=bundle_files(["classify.json", "methods/spt.json"]), meta_file=str(BUNDLES / "classify_metadata.json"),
+                        logging_file=False, workflow_type=None, output_dir=str(tmp_path / "run"), num_workers=0, task="flowers",
+                        data_root=str(tmp_path), image_size=32)
+    transform = wf.parser.get_parsed_content("select#dataloader").dataset.transform
+    assert steps(transform) == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert steps(wf.parser.get_parsed_content("train#preprocessing")) == steps(transform)
+    assert steps(wf.parser.get_parsed_content("validate#preprocessing")) == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
