@@ -65,3 +65,17 @@ def test_spt_fgvc_sensitivity_reads_train_images_through_the_training_transform(
     assert steps(transform) == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     assert steps(wf.parser.get_parsed_content("train#preprocessing")) == steps(transform)
     assert steps(wf.parser.get_parsed_content("validate#preprocessing")) == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+
+
+@pytest.mark.parametrize("task, modes", [("cub", {T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC}), ("dtd", {T.InterpolationMode.BICUBIC})])
+def test_gps_selection_views_interpolate_as_the_training_crop(task, modes):
+    """FightingFighting/GPS train_gps.py: the two-crop transform gets args.train_interpolation ("random") for FGVC;
+    VTAB's --no-aug falls back to the model's bicubic."""
+    views = classification_transforms(classification_recipe(task), train=True, views=2, image_size=32)
+    crop = views.view.transforms[0]
+    crops = crop.transforms if isinstance(crop, T.RandomChoice) else [crop]
+    assert all(isinstance(c, T.RandomResizedCrop) and c.scale == (0.08, 1.0) for c in crops)
+    assert {c.interpolation for c in crops} == modes and len(crops) == len(modes)
+    assert steps(views.view)[1:] == ["RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "ToTensor", "Normalize"]
+    a, b = views(Image.new("RGB", (50, 40)))
+    assert a.shape == b.shape == (3, 32, 32)

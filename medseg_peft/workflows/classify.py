@@ -105,7 +105,9 @@ def classification_transforms(recipe: dict, train: bool, views: int = 1, image_s
     training transform for the sensitivity pass as well).
 
     ``views=2`` gives GPS's selection views: two independent random-resized crops with flip, colour
-    jitter and grey-scale (the reference's two-crop transform).
+    jitter and grey-scale (the reference's two-crop transform, FightingFighting/GPS
+    data/transforms_factory.py). Its crop interpolates as the task's training crop: timm's "random" for FGVC,
+    bicubic for VTAB, whose ``--no-aug`` makes train_gps.py fall back to the model's bicubic.
     """
     from torchvision import transforms as T
 
@@ -113,20 +115,39 @@ def classification_transforms(recipe: dict, train: bool, views: int = 1, image_s
     mean, std = NORMALISATION[recipe.get("normalisation", "inception")]
     tail = [T.ToTensor(), T.Normalize(mean, std)]
     if views == 2:
-        one = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
-                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), *tail])
-        return lambda img: [one(img), one(img)]
+        crop = random_resized_crop(size, "random" if recipe["transforms"] == "fgvc" else "bicubic")
+        one = T.Compose([crop, T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                         T.RandomGrayscale(p=0.2), *tail])
+        return TwoViews(one)
     if recipe["transforms"] == "spt_fgvc":
         squash = T.Resize((256 * size // 224,) * 2, interpolation=T.InterpolationMode.BICUBIC)  # int(256 / 224 * size), as SPT
         crop = [T.RandomCrop(size), T.RandomHorizontalFlip(0.5)] if train else [T.CenterCrop(size)]
         return T.Compose([squash, *crop, *tail])
     if recipe["transforms"] == "fgvc":
-        if train:  # timm's "random" interpolation, as the FGVC scripts use: bilinear or bicubic per image
-            crops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=mode)
-                     for mode in (T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC)]
-            return T.Compose([T.RandomChoice(crops), T.RandomHorizontalFlip(), *tail])
+        if train:
+            return T.Compose([random_resized_crop(size, "random"), T.RandomHorizontalFlip(), *tail])
         return T.Compose([T.Resize(math.floor(size / 0.9), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), *tail])
     return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), *tail])
+
+
+class TwoViews:
+    """Two independent draws of ``view`` from one image: GPS's selection batches for SupCon."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __call__(self, img) -> list:
+        return [self.view(img), self.view(img)]
+
+
+def random_resized_crop(size: int, interpolation: str):
+    """A random-resized crop (scale 0.08-1, ratio 3/4-4/3) interpolating ``"bicubic"``, or ``"random"``: timm's
+    ``RandomResizedCropAndInterpolation`` default in the GPS scripts, bilinear or bicubic drawn per image."""
+    from torchvision import transforms as T
+
+    modes = {"bicubic": [T.InterpolationMode.BICUBIC], "random": [T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC]}[interpolation]
+    crops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=mode) for mode in modes]
+    return crops[0] if len(crops) == 1 else T.RandomChoice(crops)
 
 
 class ImageList(torch.utils.data.Dataset):
