@@ -4,6 +4,7 @@ GPS's autocast dtype, raw and EMA top-1 in metrics.json, SPT's per-task budget s
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 from torchvision import transforms as T
 
@@ -79,3 +80,44 @@ def test_gps_selection_views_interpolate_as_the_training_crop(task, modes):
     assert steps(views.view)[1:] == ["RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "ToTensor", "Normalize"]
     a, b = views(Image.new("RGB", (50, 40)))
     assert a.shape == b.shape == (3, 32, 32)
+
+
+def test_gps_amp_dtype_is_validated_and_recorded():
+    import medseg_peft as mp
+
+    assert mp.GPS(k=1).amp_dtype == "float16"  # torch.cuda.amp.autocast's dtype in the reference's selection pass
+    assert mp.GPS(k=1, amp=True, amp_dtype="bfloat16").hparams()["amp_dtype"] == "bfloat16"
+    assert mp.GPS(k=1, amp=True).hparams()["amp"] is True
+    with pytest.raises(ValueError, match="amp_dtype must be one of"):
+        mp.GPS(k=1, amp_dtype="fp16")
+
+
+def dtype_recording_loss(seen: list):
+    import torch.nn.functional as F
+
+    def loss(out, y):
+        seen.append(out.dtype)
+        return F.cross_entropy(out.float(), y)
+
+    return loss
+
+
+def test_gps_selection_on_cpu_is_not_autocast(vit, vit_batches):
+    import medseg_peft as mp
+
+    seen: list = []
+    sel = mp.GPS(k=1, loss=dtype_recording_loss(seen), amp=True).select(vit, vit_batches)
+    assert seen and set(seen) == {torch.float32} and sel.num_trainable > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast of the selection pass is CUDA only")
+@pytest.mark.parametrize("amp_dtype", ["float16", "bfloat16"])
+def test_gps_selection_autocasts_to_the_chosen_dtype_on_cuda(vit, vit_batches, amp_dtype):
+    import medseg_peft as mp
+
+    seen: list = []
+    vit = vit.cuda()
+    batches = [(x.cuda(), y.cuda()) for x, y in vit_batches]
+    mp.GPS(k=1, loss=dtype_recording_loss(seen), amp=True, amp_dtype=amp_dtype).select(vit, batches)
+    assert set(seen) == {getattr(torch, amp_dtype)}
+    assert all(p.dtype == torch.float32 for p in vit.parameters())

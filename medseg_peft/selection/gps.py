@@ -30,6 +30,7 @@ from medseg_peft.selection.base import NOT_SAVED, TopKSelector, gradients_for, m
 from medseg_peft.selection.supcon import supcon_loss
 
 LOSSES = ("supcon", "ce")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 def random_views(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,12 @@ class GPS(TopKSelector):
             view (default :func:`random_views`); a loader may instead yield ``([view1, view2], labels)``.
         feature_fn: ``(model, x) -> features`` for SupCon on a model that is not a timm classifier.
         train_mode: score with the model in train mode (the reference; drop-path active).
-        amp: autocast the forward to bfloat16 on CUDA (the reference uses AMP); gradients stay fp32.
+        amp: autocast the forward on CUDA, as the reference's selection pass (``torch.cuda.amp.autocast``,
+            FightingFighting/GPS train_gps.py ``calculate_gradient``); parameters and their gradients stay fp32.
+            CPU runs are never autocast.
+        amp_dtype: ``"float16"`` (the reference's autocast default) or ``"bfloat16"``. Like the reference, the
+            backward is not loss-scaled (no GradScaler), so float16 may flush tiny gradients to zero as
+            it does there; ``"bfloat16"`` has float32's range. A non-finite gradient is an error.
         eligibility, max_batches, seed: see :class:`~medseg_peft.selection.base.ScoredSelector`.
     """
 
@@ -87,11 +93,15 @@ class GPS(TopKSelector):
     feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True, metadata=NOT_SAVED)
     train_mode: bool = field(default=True, kw_only=True)
     amp: bool = field(default=False, kw_only=True)
+    amp_dtype: str = field(default="float16", kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not callable(self.loss) and self.loss not in LOSSES:
             raise ValueError(f"GPS loss must be one of {LOSSES} or a callable (outputs, targets) -> loss, got {self.loss!r}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"GPS amp_dtype must be one of {AMP_DTYPES} (the autocast dtype of the selection pass on CUDA; "
+                             f"float16 is the reference's), got {self.amp_dtype!r}")
         self.augment = self.augment or random_views
         self.feature_fn = self.feature_fn or pre_head_features
 
@@ -109,14 +119,21 @@ class GPS(TopKSelector):
     def statistics(self, model: nn.Module, batches: Iterable, selectable: Sequence[str]) -> dict[str, torch.Tensor]:
         """The signed gradient sums (summed over ranks before the absolute value is taken)."""
         device = model_device(model)
+        autocast = self.amp and device.type == "cuda"
         with gradients_for(model, selectable, self.train_mode) as params:
             for x, y in iter_batches(batches, device, self.max_batches):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda"):
+                with torch.autocast(device.type, dtype=getattr(torch, self.amp_dtype), enabled=autocast):
                     loss = self.batch_loss(model, x, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"GPS: the selection loss is {loss.item()}; check the inputs and the loss")
                 loss.backward()
-            return {n: torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad for n in selectable}
+            grads = {n: torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad for n in selectable}
+            if autocast:
+                bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+                if bad:
+                    raise FloatingPointError(f"GPS: non-finite gradients under {self.amp_dtype} autocast in {bad[:3]}"
+                                             f"{' ...' if len(bad) > 3 else ''}; try amp_dtype='bfloat16' or amp=False")
+            return grads
 
     def scores(self, model: nn.Module, stats: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
         return ((n, stats[n].abs()) for n in selectable)
