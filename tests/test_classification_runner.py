@@ -71,6 +71,7 @@ def test_runner_trains_a_tiny_vit_on_a_fake_vtab_task(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["task"] == "dtd" and metrics["method"] == "gps"
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2] and all(0 <= h["top1"] <= 100 for h in metrics["history"])
+    assert "top1_raw" not in metrics["history"][-1] and list(metrics["best_each"]) == ["top1"]  # no EMA: top1 is the raw weights'
     assert (out / "selection.safetensors").is_file() and (out / "best_delta.safetensors").is_file()
     rows = collect(tmp_path)
     assert len(rows) == 1 and rows[0]["task"] == "dtd" and rows[0]["last"] == metrics["history"][-1]["top1"]
@@ -148,6 +149,13 @@ def test_runner_fgvc_recipe_with_mixup_ema_and_resume(tmp_path):
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2] and metrics["settings"]["ema"] == 0.99
+    # the raw weights are evaluated beside the EMA's every time, as GPS's train_gps.py; both bests are kept
+    assert all(0 <= h["top1"] <= 100 and 0 <= h["top1_raw"] <= 100 for h in metrics["history"])
+    assert metrics["history"][0]["top1"] == metrics["history"][0]["top1_raw"]  # before training EMA = raw
+    for name in ("top1", "top1_raw"):
+        kept = metrics["best_each"][name]
+        assert kept["epoch"] in (1, 2) and kept["value"] == max(h[name] for h in metrics["history"][1:])
+    assert metrics["settings"]["top1_of"].startswith("EMA") and metrics["best"]["top1"] == max(h["top1"] for h in metrics["history"])
 
 
 def jax_npz(model, path, head=True):

@@ -3,6 +3,8 @@ GPS's autocast dtype, raw and EMA top-1 in metrics.json, SPT's per-task budget s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -121,3 +123,21 @@ def test_gps_selection_autocasts_to_the_chosen_dtype_on_cuda(vit, vit_batches, a
     mp.GPS(k=1, loss=dtype_recording_loss(seen), amp=True, amp_dtype=amp_dtype).select(vit, batches)
     assert set(seen) == {getattr(torch, amp_dtype)}
     assert all(p.dtype == torch.float32 for p in vit.parameters())
+
+
+def test_run_report_keeps_each_metrics_own_best(tmp_path):
+    """The raw weights may peak at another epoch than their EMA: each best is kept with its epoch, the zero-shot
+    score is no candidate, ties keep the earliest epoch, and ``best`` stays the key metric's entry."""
+    from types import SimpleNamespace
+
+    from medseg_peft.workflows.report import RunReport
+
+    trainer = SimpleNamespace(state=SimpleNamespace(epoch=0))
+    report = RunReport(tmp_path, torch.nn.Linear(2, 2), trainer, key_metric="top1", best_each=["top1", "top1_raw"])
+    for epoch, ema, raw in [(0, 90.0, 90.0), (1, 40.0, 60.0), (2, 50.0, 55.0), (3, 50.0, 60.0)]:
+        trainer.state.epoch = epoch
+        report.on_validation(SimpleNamespace(state=SimpleNamespace(metrics={"top1": ema, "top1_raw": raw})))
+    assert report.data["best_each"] == {"top1": {"epoch": 2, "value": 50.0}, "top1_raw": {"epoch": 1, "value": 60.0}}
+    assert report.data["best"]["epoch"] == 0  # the untuned model stays the best result file's candidate
+
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_each"] == report.data["best_each"]

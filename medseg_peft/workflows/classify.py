@@ -215,7 +215,10 @@ def mixup_batches(recipe: dict):
 
 
 class ModelEma:
-    """timm's ``ModelEmaV3`` updated after every training iteration; evaluate ``.module`` for the EMA weights."""
+    """timm's ``ModelEmaV3`` updated after every training iteration; evaluate ``.module`` for the EMA weights.
+
+    ``networks`` / ``pred_keys`` are what the evaluator runs: with EMA both the EMA weights (``"pred"``, the key
+    metric's) and the raw ones (``"pred_raw"``), as FightingFighting/GPS train_gps.py validates both every epoch."""
 
     def __init__(self, network: nn.Module, decay: float | None):
         from timm.utils import ModelEmaV3
@@ -226,6 +229,18 @@ class ModelEma:
     @property
     def module(self) -> nn.Module:
         return self.network if self.ema is None else self.ema.module
+
+    @property
+    def networks(self) -> list[nn.Module]:
+        return [self.network] if self.ema is None else [self.ema.module, self.network]
+
+    @property
+    def pred_keys(self) -> list[str]:
+        return ["pred"] if self.ema is None else ["pred", "pred_raw"]
+
+    def raw_metrics(self) -> dict:
+        """``{"top1_raw": ...}``: the raw weights' top-1 beside the EMA's ``top1`` (nothing without EMA)."""
+        return {} if self.ema is None else {"top1_raw": top1_metric("pred_raw")}
 
     def state_dict(self) -> dict:
         """For the resumable checkpoint: the EMA weights (empty without EMA), so a resumed run keeps its average."""
@@ -242,11 +257,11 @@ class ModelEma:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: self.ema.update(self.network))
 
 
-def top1_metric():
-    """Top-1 accuracy in percent (ignite's Accuracy on batched logits)."""
+def top1_metric(pred_key: str = "pred"):
+    """Top-1 accuracy in percent (ignite's Accuracy on the batched logits under ``pred_key``)."""
     from ignite.metrics import Accuracy
 
-    return Accuracy(output_transform=lambda out: (out["pred"].float(), out["label"])) * 100.0
+    return Accuracy(output_transform=lambda out: (out[pred_key].float(), out["label"])) * 100.0
 
 
 def decay_groups(network: nn.Module, weight_decay: float) -> list[dict]:
