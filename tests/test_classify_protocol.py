@@ -141,3 +141,88 @@ def test_run_report_keeps_each_metrics_own_best(tmp_path):
     assert report.data["best"]["epoch"] == 0  # the untuned model stays the best result file's candidate
 
     assert json.loads((tmp_path / "metrics.json").read_text())["best_each"] == report.data["best_each"]
+
+
+def fake_vtab_splits(root, task="dtd", n_train=16, n_val=8, n_test=8):
+    """A VTAB-1k task folder with all four split files (the sweep trains train800 and validates val200)."""
+    import numpy as np
+
+    from medseg_peft.recipes import load_recipe
+
+    folder = root / load_recipe(task)["folder"]
+    rng = np.random.default_rng(0)
+    lines = {}
+    for split, n in (("train800", n_train), ("val200", n_val), ("test", n_test)):
+        lines[split] = []
+        for i in range(n):
+            rel = f"images/{split}/{i:06d}.jpg"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / rel)
+            lines[split].append(f"{rel} {i % 3}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, entries in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    return folder
+
+
+def test_budget_sweep_writes_the_best_validation_budget_and_the_test_run_reads_it(tmp_path, monkeypatch):
+    from conftest import bundle_files, run_workflow
+
+    from medseg_peft.models.vit import build_vit
+    from medseg_peft.workflows.budget_sweep import choose, main, validation_top1
+
+    monkeypatch.setenv("MEDSEG_PEFT_CACHE", str(tmp_path / "cache"))
+    fake_vtab_splits(tmp_path)
+    pretrained = tmp_path / "tiny.pth"
+    torch.save(build_vit("demo", 10).state_dict(), pretrained)
+    common = dict(task="dtd", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32, epochs=1,
+                  cooldown_epochs=0, batch_size=8, num_workers=0, budget_file=str(tmp_path / "val" / "budget.json"))
+    layers = ["classify.json", "methods/spt.json"]
+    argv = ["--config_file", *bundle_files(layers), "--budgets", "2000,6000", "--output_dir", str(tmp_path / "val")]
+    chosen = main(argv + [f"--{key}={value}" for key, value in common.items()])  # the command line, in process
+    written = json.loads((tmp_path / "val" / "budget.json").read_text())
+    assert written == chosen and written["task"] == "dtd" and written["method"] == "spt"
+    scores = {b: validation_top1(tmp_path / "val" / f"budget_{b}") for b in (2_000, 6_000)}
+    assert written["scores"] == {str(b): s for b, s in scores.items()} and written["budget"] == choose(scores)
+    for b in (2_000, 6_000):
+        metrics = json.loads((tmp_path / "val" / f"budget_{b}" / "metrics.json").read_text())
+        assert metrics["settings"]["split_mode"] == "val" and metrics["settings"]["selector"]["budget"] == b
+    run_workflow(layers, output_dir=str(tmp_path / "test"), **common)  # the final run: split_mode test, no --budget
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert metrics["settings"]["split_mode"] == "test" and metrics["settings"]["selector"]["budget"] == written["budget"]
+
+
+def test_budget_choice_file_and_command_line(tmp_path, caplog):
+    import logging
+
+    from medseg_peft.workflows.budget_sweep import choose, parse_args
+    from medseg_peft.workflows.classify import classification_budget
+
+    assert choose({200_000: 70.0, 400_000: 72.5, 600_000: 72.0}) == 400_000
+    assert choose({800_000: 72.5, 400_000: 72.5, 200_000: 10.0}) == 400_000  # a tie: the fewer parameters
+    recipe = classification_recipe("dtd", "spt")
+    with caplog.at_level(logging.INFO, logger="medseg_peft"):
+        assert classification_budget(recipe, str(tmp_path / "none.json"), "spt") == recipe["budget"] == 400_000
+    assert "the recipe's" in caplog.text
+    (tmp_path / "budget.json").write_text(json.dumps({"task": "dtd", "method": "spt", "budget": 600_000, "scores": {"600000": 71.0}}))
+    with caplog.at_level(logging.INFO, logger="medseg_peft"):
+        assert classification_budget(recipe, str(tmp_path / "budget.json"), "spt") == 600_000
+    assert "chosen on validation" in caplog.text
+    with pytest.raises(ValueError, match="chosen for task 'dtd', not 'cifar100'"):
+        classification_budget(classification_recipe("cifar100", "spt"), str(tmp_path / "budget.json"), "spt")
+    args, overrides = parse_args(["--config_file", "bundles/classify.json", "bundles/methods/spt.json", "--budgets", "2e5,400000",
+                                  "--task", "dtd", "--epochs=3", "--data_root", "/data/vtab-1k"])
+    assert args.config_file == ["bundles/classify.json", "bundles/methods/spt.json"] and args.budgets == [200_000, 400_000]
+    assert overrides == {"task": "dtd", "epochs": 3, "data_root": "/data/vtab-1k"}
+    args, _ = parse_args(["--config_file", "['bundles/classify.json','bundles/methods/spt.json']"])
+    assert parse_args(["--config_file", "a.json", "--budget", "5"])[1] == {"budget": 5}  # no abbreviation of --budgets
+    assert args.config_file == ["bundles/classify.json", "bundles/methods/spt.json"] and args.budgets == [200_000, 400_000, 600_000, 800_000]
+    from conftest import bundle_files
+
+    from medseg_peft.workflows.budget_sweep import sweep
+
+    with pytest.raises(ValueError, match="SPT's protocol"):
+        sweep(bundle_files(["classify.json"]), [1_000], output_dir=str(tmp_path / "gps"))
+    with pytest.raises(ValueError, match="sets 'budget' itself"):
+        sweep(bundle_files(["classify.json", "methods/spt.json"]), [1_000], budget=5)
+    assert not (tmp_path / "gps").exists()

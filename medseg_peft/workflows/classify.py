@@ -55,6 +55,30 @@ def classification_recipe(task: str | None = None, method: str = "gps", **overri
     return recipe
 
 
+def classification_budget(recipe: dict, budget_file: str | None = None, method: str | None = None) -> int:
+    """SPT's budget: the one ``budget_sweep`` chose on validation for this task when ``budget_file`` exists, else the recipe's."""
+    import json
+
+    path = Path(budget_file).expanduser() if given(budget_file) else None
+    if path is None or not path.is_file():
+        if method == "spt":
+            log.info("SPT budget %d: the recipe's (no %s; python -m medseg_peft.workflows.budget_sweep chooses one per task "
+                     "on validation, as SPT does)", recipe["budget"], path)
+        return int(recipe["budget"])
+    try:
+        chosen = json.loads(path.read_text())
+        budget = int(chosen["budget"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is no budget file of medseg_peft.workflows.budget_sweep ({err}); move it away or pass --budget") from err
+    if chosen.get("task") != recipe["task"]:
+        raise ValueError(f"{path} holds the budget chosen for task {chosen.get('task')!r}, not {recipe['task']!r}: "
+                         "pass the task's own --budget_file or --budget")
+    if method == "spt":
+        log.info("SPT budget %d: chosen on validation (top-1 %s over budgets %s) in %s", budget, chosen.get("scores", {}).get(str(budget)),
+                 list(chosen.get("scores", {})), path)
+    return budget
+
+
 SPT_SENSITIVITY_IMAGES = 512  # ziplab/SPT: sensitivity from the first 512 train800 images, in file order, batch 32
 SPT_SENSITIVITY_BATCH = 32
 
