@@ -47,9 +47,9 @@ def test_lora_life_cycle_is_exact(vit, vit_batches, tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(x), tuned)
     mp.merge(model)
-    assert type(model.blocks[0].attn.qkv) is torch.nn.Linear
-    with torch.no_grad():
-        assert torch.equal(model(x), tuned)
+    assert type(model.blocks[0].attn.qkv) is torch.nn.Linear and not model.blocks[0].attn.qkv._forward_hooks
+    with torch.no_grad():  # (W + BA) x vs W x + B(A x): the same function, rounded differently
+        torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])}
     assert changed == {"blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight", "head.weight", "head.bias"}
     assert list(model.state_dict()) == list(base.state_dict())  # parameter order restored too

@@ -158,6 +158,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(method, mode, vit, vit_
         model.train()
         for p in mp.trainable_parameters(model):
             p.grad = None
+        torch.manual_seed(0)  # the same dropout / drop-path draws in both runs (SPT's branches)
         loss, saved = _saved_bytes(lambda: _seg_loss(model(x), y))
         loss.backward()
         results.append((loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in mp.trainable_parameters(model)], saved))
@@ -215,7 +216,10 @@ def test_bf16_base_halves_the_frozen_linears_and_trains_in_fp32(vit, vit_batches
     twin = copy.deepcopy(model)
     mp.merge(mp.cast_base(model, torch.float32))
     with torch.no_grad():
-        assert torch.equal(model(x), tuned)
+        if method == "fps":
+            assert torch.equal(model(x), tuned)
+        else:  # (W + BA) x vs W x + B(A x): the same function, rounded differently
+            torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
     mp.merge(twin)
     assert twin.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     # the delta file loads onto the plain fp32 base it came from (fingerprinted at bf16)

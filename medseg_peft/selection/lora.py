@@ -28,9 +28,11 @@ class LoRA(Selector):
 
     Args:
         rank: rank of each branch (A: kaiming-uniform, B: zero, no alpha / r factor).
-        targets: regular expression searched in parameter names; 2-D (or conv) weights only.
+        targets: regular expression searched in parameter names; ``nn.Linear`` weights only.
         train_whole: regular expression of parameters trained whole; ``"auto"`` as described above,
             ``None`` for none.
+        dropout, drop_path: regularisation of the branches while training (``Dropout`` on their input,
+            per-sample ``DropPath`` on their output; as SPT's branches, off by default here).
         seed: seeds the A initialisation, so a run is reproducible.
     """
 
@@ -39,11 +41,16 @@ class LoRA(Selector):
     rank: int = 4
     targets: str = field(default=DEFAULT_TARGETS, kw_only=True)
     train_whole: str | None = field(default="auto", kw_only=True)
+    dropout: float = field(default=0.0, kw_only=True)
+    drop_path: float = field(default=0.0, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        for key in ("dropout", "drop_path"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"LoRA {key} must be in [0, 1), got {getattr(self, key)!r}")
 
     def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
         if self.train_whole == "auto":
@@ -63,5 +70,7 @@ class LoRA(Selector):
         return Selection(entries, sum(p.numel() for p in model.parameters()), self.method, self.hparams())
 
     def apply(self, model: nn.Module, selection: Selection) -> nn.Module:
+        from medseg_peft.tuning.attach import attach
+
         with seeded(self.seed, model_device(model)):
-            return super().apply(model, selection)
+            return attach(model, selection, dropout=self.dropout, drop_path=self.drop_path)

@@ -22,8 +22,8 @@ from medseg_peft.io import atomic_save_safetensors
 ROWS = "rows"  # per output row, K column indices: index [rows, K] over the weight viewed as [rows, -1]
 FLAT = "flat"  # a set of flat indices into the parameter
 WHOLE = "whole"  # the whole tensor is trainable
-LORA = "lora"  # a low-rank branch B @ A of the given rank over the weight viewed as [rows, -1]
-ADAPTER = "adapter"  # a bottleneck of the given rank on the layer's output (SPT); not mergeable
+LORA = "lora"  # low-rank branches x -> B(A x) of the given rank beside a Linear, one per row block; mergeable
+ADAPTER = "adapter"  # bottlenecks of the given rank on a Linear's output (or beside it) per row block (SPT); not mergeable
 LAYOUTS = (ROWS, FLAT, WHOLE, LORA, ADAPTER)
 
 FORMAT_VERSION = 1
@@ -34,32 +34,41 @@ class Entries:
     """The trainable entries of one parameter.
 
     ``index`` is ``[rows, K]`` column indices for ``rows`` (sorted per row, unique), a sorted 1-D
-    tensor of unique flat indices for ``flat``, and ``None`` for ``whole`` and ``lora`` (which has a
-    ``rank`` instead). Indices are kept as int64 in memory (what scatter / gather want) and shrunk to
-    the smallest integer type on disk.
+    tensor of unique flat indices for ``flat``, and ``None`` for ``whole``. Indices are kept as int64
+    in memory (what scatter / gather want) and shrunk to the smallest integer type on disk.
+
+    ``lora`` and ``adapter`` entries are branches beside an ``nn.Linear`` with a ``rank``: one branch
+    per row block in ``blocks`` (``(start, stop)`` output rows; ``None`` is one branch over all rows).
+    Row blocks make q, k and v of a fused ``qkv`` weight three units, as in SPT's model where they
+    are three Linears. Such an entry may also hold a flat ``index`` of single entries trained beside
+    the branches, outside their blocks (SPT on a fused qkv where q's entries are sparse and v has a
+    LoRA). ``on_input`` places an adapter beside the layer, on its input (SPT's attention
+    projection), instead of on its output.
     """
 
     layout: str
     shape: tuple[int, ...]
     index: torch.Tensor | None = None
     rank: int | None = None
+    blocks: tuple[tuple[int, int], ...] | None = None
+    on_input: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
         if self.layout in (LORA, ADAPTER):
-            row_view_shape(self.shape)
-            if self.index is not None or not isinstance(self.rank, int) or self.rank <= 0:
-                raise ValueError(f"a {self.layout!r} entry takes a positive integer rank and no index, got rank={self.rank!r}")
-            return
-        if self.rank is not None:
-            raise ValueError(f"a {self.layout!r} entry takes no rank")
-        if self.layout == WHOLE:
-            if self.index is not None:
-                raise ValueError("a 'whole' entry takes no index")
-            return
+            self._check_branch()
+        else:
+            if self.rank is not None or self.blocks is not None or self.on_input:
+                raise ValueError(f"a {self.layout!r} entry takes no rank, blocks or on_input")
+            if self.layout == WHOLE:
+                if self.index is not None:
+                    raise ValueError("a 'whole' entry takes no index")
+                return
+            if self.index is None:
+                raise ValueError(f"a {self.layout!r} entry needs an index tensor")
         if self.index is None:
-            raise ValueError(f"a {self.layout!r} entry needs an index tensor")
+            return
         object.__setattr__(self, "index", self.index.to(torch.long).cpu().contiguous())
         if self.layout == ROWS:
             rows, cols = row_view_shape(self.shape)
@@ -74,15 +83,36 @@ class Entries:
             bound = _numel(self.shape)
         if self.index.numel() and (int(self.index.min()) < 0 or int(self.index.max()) >= bound):
             raise ValueError(f"index out of range [0, {bound}) for a parameter of shape {self.shape}")
+        if self.layout in (LORA, ADAPTER) and self.index.numel():
+            row_of = self.index // row_view_shape(self.shape)[1]
+            if any(bool(((row_of >= a) & (row_of < b)).any()) for a, b in self.row_blocks()):
+                raise ValueError(f"a {self.layout!r} entry's single entries must lie outside its branches' row blocks {self.row_blocks()}")
+
+    def _check_branch(self) -> None:
+        rows, _ = row_view_shape(self.shape)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"a {self.layout!r} entry takes a positive integer rank, got rank={self.rank!r}")
+        if self.on_input and self.layout != ADAPTER:
+            raise ValueError("only an adapter can be placed on the layer's input (on_input)")
+        if self.blocks is not None:
+            blocks = tuple(sorted((int(a), int(b)) for a, b in self.blocks))
+            if not blocks or any(not 0 <= a < b <= rows for a, b in blocks) or any(b > c for (_, b), (c, _) in zip(blocks, blocks[1:])):
+                raise ValueError(f"row blocks must be non-empty, non-overlapping (start, stop) ranges within [0, {rows}), got {self.blocks}")
+            object.__setattr__(self, "blocks", blocks)
+            if self.on_input and len(blocks) > 1:
+                raise ValueError("an adapter on the layer's input is one branch over all its output rows")
+
+    def row_blocks(self) -> tuple[tuple[int, int], ...]:
+        """The ``(start, stop)`` output rows of each branch (one block over every row when ``blocks`` is None)."""
+        return self.blocks if self.blocks is not None else ((0, row_view_shape(self.shape)[0]),)
 
     @property
     def count(self) -> int:
         """Number of trainable scalars."""
-        if self.layout == LORA:
-            return self.rank * sum(row_view_shape(self.shape))
-        if self.layout == ADAPTER:
-            out = row_view_shape(self.shape)[0]
-            return 2 * self.rank * out + self.rank + out
+        if self.layout in (LORA, ADAPTER):
+            cols = row_view_shape(self.shape)[1]
+            sparse = 0 if self.index is None else self.index.numel()
+            return sparse + sum(branch_cost(self.layout, b - a, cols, self.rank, self.on_input) for a, b in self.row_blocks())
         return _numel(self.shape) if self.layout == WHOLE else self.index.numel()
 
     @property
@@ -94,9 +124,16 @@ class Entries:
         return self.index.shape[1] if self.layout == ROWS else None
 
     def mask(self) -> torch.Tensor:
-        """Boolean tensor of the parameter's shape, True where trainable (a LoRA branch reaches every entry)."""
-        if self.layout in (WHOLE, LORA, ADAPTER):
+        """Boolean tensor of the parameter's shape, True where trainable (a branch reaches every entry of its rows)."""
+        if self.layout == WHOLE:
             return torch.ones(self.shape, dtype=torch.bool)
+        if self.layout in (LORA, ADAPTER):
+            m = torch.zeros(row_view_shape(self.shape), dtype=torch.bool)
+            for a, b in self.row_blocks():
+                m[a:b] = True
+            if self.index is not None:
+                m.view(-1)[self.index] = True
+            return m.view(self.shape)
         if self.layout == ROWS:
             m = torch.zeros(row_view_shape(self.shape), dtype=torch.bool)
             m.scatter_(1, self.index, True)
@@ -109,8 +146,22 @@ class Entries:
         if self.layout == ROWS:
             return f"top-{self.k}/row"
         if self.layout in (LORA, ADAPTER):
-            return f"{self.layout} r={self.rank}"
+            text = f"{self.layout} r={self.rank}" + (" on input" if self.on_input else "")
+            if self.blocks is not None:
+                text += " rows " + ",".join(f"{a}:{b}" for a, b in self.blocks)
+            return text + (f" +{self.index.numel()} single" if self.index is not None else "")
         return "sparse" if self.layout == FLAT else "whole"
+
+
+def branch_cost(layout: str, rows: int, cols: int, rank: int, on_input: bool = False) -> int:
+    """Trainable scalars of one branch over ``rows`` output rows of a ``[rows, cols]`` weight: LoRA
+    ``rank * (cols + rows)``; an adapter on the output ``2 * rank * rows + rank + rows`` (down and up
+    with biases), on the input ``rank * cols + rank + rows * rank + rows``."""
+    if layout == LORA:
+        return rank * (cols + rows)
+    if on_input:
+        return rank * cols + rank + rows * rank + rows
+    return 2 * rank * rows + rank + rows
 
 
 def row_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -248,11 +299,17 @@ def entry_meta(e: Entries) -> dict:
     meta = {"layout": e.layout, "shape": list(e.shape)}
     if e.rank is not None:
         meta["rank"] = e.rank
+    if e.blocks is not None:
+        meta["blocks"] = [list(b) for b in e.blocks]
+    if e.on_input:
+        meta["on_input"] = True
     return meta
 
 
 def entries_from_meta(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> Entries:
-    return Entries(meta["layout"], tuple(meta["shape"]), tensors.get(f"{name}.index"), meta.get("rank"))
+    blocks = meta.get("blocks")
+    return Entries(meta["layout"], tuple(meta["shape"]), tensors.get(f"{name}.index"), meta.get("rank"),
+                   None if blocks is None else tuple(map(tuple, blocks)), bool(meta.get("on_input", False)))
 
 
 def smallest_int(index: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,12 @@
-"""SPT's adapter: a bottleneck on a linear layer's output, ``y + up(gelu(down(y)))``.
+"""SPT's adapters: a bottleneck ``up(gelu(down(.)))`` per row block of a Linear, not mergeable.
 
-Unlike sparse and LoRA deltas this is not a function of the weight, so it cannot be folded into the
-network: it stays a module (with a forward hook on its linear layer) for as long as it is attached,
-and ``merge`` refuses a selection that holds one. ``up`` starts at zero, so the tuned model starts
-as the base model (SPT's reference initialisation: down kaiming-uniform, up and biases zero).
+Placement as SPT's reference (ziplab/SPT ``model/vision_transformer_timm.py``: ``AttentionSPTSeq``,
+``MlpSPTSeq``): on q / k / v, fc1 and fc2 the adapter is sequential on the layer's output,
+``y + adapter(dropout(y))``; on the attention projection it is parallel, on the projection's input,
+``proj(x) + adapter(x)``, without dropout (``Entries.on_input``). Initialisation as the reference's
+``nn.Linear`` pair: down kaiming-uniform with PyTorch's default bias init, up and its bias zero, so
+the tuned model starts as the base model. A GELU bottleneck is not a weight change, so it stays a
+module for as long as it is attached, and ``merge`` refuses a selection that holds one.
 """
 
 from __future__ import annotations
@@ -14,38 +17,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.selection.selection import ADAPTER, Entries, row_view_shape
+from medseg_peft.selection.selection import ADAPTER
+from medseg_peft.tuning.branch import Branch
 
 
-class AdapterDelta(nn.Module):
-    """A rank-``r`` bottleneck added to the output of the ``nn.Linear`` whose weight is named."""
+class AdapterFactors(nn.Module):
+    def __init__(self, in_features: int, rows: int, rank: int, device=None):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.down_bias = nn.Parameter(torch.empty(rank, device=device))
+        self.up = nn.Parameter(torch.zeros(rows, rank, device=device))
+        self.up_bias = nn.Parameter(torch.zeros(rows, device=device))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # nn.Linear's default init, weight and bias
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.down_bias, -bound, bound)
+
+
+class AdapterDelta(Branch):
+    """A rank-``r`` bottleneck per row block on an ``nn.Linear``'s output, or one beside it on its input."""
 
     layout = ADAPTER
 
-    def __init__(self, entries: Entries, device: torch.device | None = None):
-        super().__init__()
-        self.shape = tuple(entries.shape)
-        self.rank = entries.rank
-        out_features = row_view_shape(self.shape)[0]
-        self.down = nn.Parameter(torch.empty(self.rank, out_features, device=device))
-        self.down_bias = nn.Parameter(torch.zeros(self.rank, device=device))
-        self.up = nn.Parameter(torch.zeros(out_features, self.rank, device=device))
-        self.up_bias = nn.Parameter(torch.zeros(out_features, device=device))
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+    def __init__(self, entries, device=None, dropout: float = 0.0, drop_path_rate: float = 0.0):
+        self.reads_output = not entries.on_input
+        super().__init__(entries, device, dropout, drop_path_rate)
 
-    @property
-    def entries(self) -> Entries:
-        return Entries(ADAPTER, self.shape, rank=self.rank)
+    def make_block(self, rows: int, device) -> nn.Module:
+        return AdapterFactors(self.in_features if self.on_input else rows, rows, self.rank, device)
 
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        hidden = F.gelu(F.linear(output, self.down.to(output.dtype), self.down_bias.to(output.dtype)))
-        return output + F.linear(hidden, self.up.to(output.dtype), self.up_bias.to(output.dtype))
-
-    def gather(self, dense: torch.Tensor) -> torch.Tensor:
-        return dense
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"down": self.down, "down_bias": self.down_bias, "up": self.up, "up_bias": self.up_bias}
+    def block_delta(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        f = self.factors[i]
+        hidden = F.gelu(F.linear(x, f.down.to(x.dtype), f.down_bias.to(x.dtype)))
+        return F.linear(hidden, f.up.to(x.dtype), f.up_bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"out={self.shape[0]}, rank={self.rank}"
+        return super().extra_repr() + (", on input" if self.on_input else ", on output")

@@ -15,6 +15,7 @@ the plain network.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -22,10 +23,11 @@ from torch.nn.utils import parametrize
 
 from medseg_peft.selection.selection import Selection
 from medseg_peft.tuning.adapter import AdapterDelta
+from medseg_peft.tuning.branch import Branch
 from medseg_peft.tuning.delta import delta_linear_forward, make_delta
 
 STATE_ATTR = "medseg_peft"
-ADAPTER_CHILD = "spt_adapter"
+BRANCH_CHILD = "peft_branch"
 
 
 @dataclass
@@ -33,7 +35,7 @@ class TuningState:
     """What ``attach`` did to a model, so that it can be merged, unmerged and saved."""
 
     selection: Selection
-    deltas: dict[str, nn.Module]  # Delta or LoRADelta, one per tuned tensor
+    deltas: dict[str, nn.Module]  # a Delta or a Branch (LoRA, adapter), one per tuned tensor
     requires_grad: dict[str, bool]  # the flags the model had before attach
     merged: bool = False
     base_values: dict[str, torch.Tensor] = field(default_factory=dict)  # base entries while merged
@@ -74,11 +76,12 @@ def _remove(model: nn.Module, state: TuningState) -> None:
     owners = {}
     for name, delta in state.deltas.items():
         module, tensor_name = owner_of(model, name)
-        if isinstance(delta, AdapterDelta):
+        if isinstance(delta, Branch):
             for key in [k for k, h in module._forward_hooks.items() if getattr(h, "__self__", None) is delta]:
                 del module._forward_hooks[key]
-            delattr(module, ADAPTER_CHILD)
-            continue
+            delattr(module, BRANCH_CHILD)
+            if delta.sparse is None:
+                continue
         if id(module) not in owners and parametrize.is_parametrized(module):
             _own_class(module)
         owners[id(module)] = module
@@ -94,12 +97,14 @@ def _register(module: nn.Module, tensor_name: str, delta: nn.Module) -> None:
     ``register_parametrization`` gives each module its own generated subclass, so setting ``forward``
     on that class changes this module only, and ``remove_parametrizations`` drops it with the class.
     """
-    if isinstance(delta, AdapterDelta):
-        if type(module) is not nn.Linear or tensor_name != "weight":
-            raise ValueError(f"an adapter attaches to an nn.Linear weight, not to {type(module).__name__}.{tensor_name}")
-        module.add_module(ADAPTER_CHILD, delta)
+    if isinstance(delta, Branch):
+        if parametrize.type_before_parametrizations(module) is not nn.Linear or tensor_name != "weight":
+            raise ValueError(f"a {delta.layout} branch attaches to an nn.Linear weight, not to {type(module).__name__}.{tensor_name}")
+        module.add_module(BRANCH_CHILD, delta)
         module.register_forward_hook(delta.hook)
-        return
+        if delta.sparse is None:
+            return
+        delta = delta.sparse  # the single entries beside the branches: a sparse delta on the weight
     parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
     if tensor_name == "weight" and parametrize.type_before_parametrizations(module) is nn.Linear:
         type(module).forward = delta_linear_forward
@@ -113,10 +118,12 @@ def _check_untied(model: nn.Module, selection: Selection) -> None:
             raise NotImplementedError(f"parameters {first!r} and {name!r} are one tied tensor; tuning tied weights is not supported")
 
 
-def attach(model: nn.Module, selection: Selection) -> nn.Module:
+def attach(model: nn.Module, selection: Selection, dropout: float | Mapping[str, float] = 0.0, drop_path: float = 0.0) -> nn.Module:
     """Freeze every parameter of ``model`` and attach a trainable delta for each selected tensor.
 
     Returns the same model object, changed in place. Only the deltas require grad afterwards.
+    ``dropout`` (one rate, or a rate per parameter name) and ``drop_path`` regularise LoRA / adapter
+    branches while the model is in training mode (SPT's setting; see ``tuning.branch``).
     """
     if is_attached(model):
         raise ValueError("model already has attached deltas; merge() and use a fresh base model, or load_delta() onto the base")
@@ -133,7 +140,8 @@ def attach(model: nn.Module, selection: Selection) -> nn.Module:
         order.setdefault(module_name, list((model.get_submodule(module_name) if module_name else model)._parameters))
     for name, entries in selection.entries.items():
         module, tensor_name = owner_of(model, name)
-        delta = make_delta(entries, device=params[name].device)
+        rate = dropout.get(name, 0.0) if isinstance(dropout, Mapping) else dropout
+        delta = make_delta(entries, params[name].device, dropout=rate, drop_path=drop_path)
         _register(module, tensor_name, delta)
         deltas[name] = delta
     setattr(model, STATE_ATTR, TuningState(selection, deltas, flags, param_order=order))
@@ -141,7 +149,7 @@ def attach(model: nn.Module, selection: Selection) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should see: the delta values / LoRA factors (in selection order).
+    """The parameters an optimizer should see: the delta values / branch factors (in selection order).
 
     On a model without deltas (full fine-tuning, or plain ``requires_grad`` flags) these are the
     parameters that require grad, so a training loop needs no case for either.

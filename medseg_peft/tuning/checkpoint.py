@@ -1,8 +1,8 @@
 """Delta checkpoints: only what was tuned, a few hundred kB for a ViT-B at K=1.
 
 One ``.safetensors`` file: per tuned tensor ``<name>.values`` (float32) and ``<name>.index`` (per-row
-``[rows, K]`` or flat, in the narrowest integer type that holds it), or ``<name>.lora_A`` /
-``<name>.lora_B`` for a LoRA branch, plus JSON metadata with the
+``[rows, K]`` or flat, in the narrowest integer type that holds it), or a branch's factors
+(``<name>.lora_A`` / ``<name>.lora_B``, ``.<i>`` per row block), plus JSON metadata with the
 selection's layout, method and hyperparameters and a fingerprint of the base weights at the tuned
 entries, so that a delta is never silently applied to a different base model.
 """

@@ -1,10 +1,12 @@
-"""A frozen weight seen through a low-rank branch: ``W + scale * (B @ A)``.
+"""LoRA branches: ``y = W x + scale * B (A x)`` beside a frozen Linear, mergeable into ``W``.
 
-The same parametrization life cycle as the sparse :class:`~medseg_peft.tuning.delta.Delta` (attach,
-merge exactly, unmerge exactly, save only the factors), so LoRA, SPT's structured part and the
-selection methods compare on equal terms. Initialisation follows the LoRA paper and SPT's reference:
-A kaiming-uniform, B zero, so the tuned model starts as the base model; ``scale`` defaults to 1 (SPT
-applies no alpha / r factor).
+The same life cycle as the sparse :class:`~medseg_peft.tuning.delta.Delta` (attach, merge, unmerge
+exactly, save only the factors), so LoRA, SPT's structured part and the selection methods compare on
+equal terms. Initialisation follows the LoRA paper and SPT's reference (ziplab/SPT
+``model/vision_transformer_timm.py``, ``StructuredTuningModule``): A kaiming-uniform, B zero, so the
+tuned model starts as the base model; ``scale`` is 1 (SPT applies no alpha / r factor). While
+training, ``dropout`` on the branch input and ``drop_path`` on its output regularise it (SPT: 0.1
+each); in eval mode the branch is exactly ``W + B @ A``, which ``add_to`` folds into the weight.
 """
 
 from __future__ import annotations
@@ -12,52 +14,52 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.selection.selection import LORA, Entries, row_view_shape
+from medseg_peft.selection.selection import LORA
+from medseg_peft.tuning.branch import Branch
 
 
-class LoRADelta(nn.Module):
-    """``base + scale * (lora_B @ lora_A)`` over the weight viewed as ``[rows, cols]`` (conv kernels flattened)."""
-
-    layout = LORA
-
-    def __init__(self, entries: Entries, device: torch.device | None = None, scale: float = 1.0):
+class LoRAFactors(nn.Module):
+    def __init__(self, rows: int, cols: int, rank: int, device=None):
         super().__init__()
-        self.shape = tuple(entries.shape)
-        self.rank = entries.rank
-        self.scale = float(scale)
-        rows, cols = row_view_shape(self.shape)
-        self.lora_A = nn.Parameter(torch.empty(self.rank, cols, dtype=torch.float32, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(rows, self.rank, dtype=torch.float32, device=device))
+        self.lora_A = nn.Parameter(torch.empty(rank, cols, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(rows, rank, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    @property
-    def entries(self) -> Entries:
-        return Entries(LORA, self.shape, rank=self.rank)
+
+class LoRADelta(Branch):
+    """Rank-``r`` branches ``B @ A``, one per row block, beside an ``nn.Linear``."""
+
+    layout = LORA
+    scale = 1.0
+
+    def make_block(self, rows: int, device) -> nn.Module:
+        return LoRAFactors(rows, self.in_features, self.rank, device)
+
+    def block_delta(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        f = self.factors[i]
+        dtype = x.dtype if torch.is_autocast_enabled(x.device.type) or x.dtype.itemsize >= 4 else f.lora_A.dtype
+        h = F.linear(F.linear(x.to(dtype), f.lora_A.to(dtype)), f.lora_B.to(dtype))
+        return h if self.scale == 1.0 else self.scale * h
 
     def dense(self) -> torch.Tensor:
-        return (self.scale * (self.lora_B @ self.lora_A)).reshape(self.shape)
-
-    def forward(self, base: torch.Tensor) -> torch.Tensor:
-        if base.dtype.itemsize < self.lora_A.dtype.itemsize:  # a bf16 base: compute base + BA in fp32, not rounded to bf16
-            return base.to(self.lora_A.dtype) + self.dense()
-        return base + self.dense().to(base.dtype)
+        """The weight change ``scale * B @ A`` in each block's rows, zero elsewhere (float32)."""
+        rows, cols = self.shape[0], self.in_features
+        change = torch.zeros(rows, cols, dtype=torch.float32, device=self.factors[0].lora_A.device)
+        for (a, b), f in zip(self.blocks, self.factors):
+            change[a:b] = self.scale * (f.lora_B.detach() @ f.lora_A.detach())
+        return change.reshape(self.shape)
 
     def add_to(self, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``base + delta``; in place when ``out is base`` (the same arithmetic as ``forward``, so a merge is exact)."""
+        """``base`` plus the weight change (branches and single entries); in place when ``out is base``.
+        What the eval-mode model computes, folded into the weight."""
         with torch.no_grad():
-            d = self.dense().to(base.dtype)
-            return base + d if out is None else out.add_(d)
-
-    def gather(self, dense: torch.Tensor) -> torch.Tensor:
-        return dense
-
-    def put(self, target: torch.Tensor, values: torch.Tensor) -> None:
-        target.copy_(values)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+            out = base.detach().clone() if out is None else out
+            if self.sparse is not None:
+                self.sparse.add_to(out, out=out)
+            return out.add_(self.dense().to(out.dtype))
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, rank={self.rank}, scale={self.scale}"
+        return super().extra_repr() + f", scale={self.scale}"
