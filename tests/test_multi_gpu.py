@@ -144,8 +144,9 @@ def _env(tmp_path_factory) -> dict:
 
 def torchrun(layers: list[str], env: dict, **overrides) -> subprocess.CompletedProcess:
     done = subprocess.run(_torchrun_command(layers, **overrides), env=env, capture_output=True, text=True, timeout=600)
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line and "Failed to evaluate" not in line]
-    assert done.returncode == 0, "\n".join(errors[-20:]) + "\n" + done.stderr[-2000:]
+    if done.returncode != 0:  # the workers' own output, not only torchrun's wrapper (an abort says little there)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if "elastic" not in line and line.strip()]
+        pytest.fail("torchrun failed:\n" + "\n".join(lines[-80:]))
     return done
 
 

@@ -116,9 +116,12 @@ def end_run(output_dir: str | Path) -> None:
 
 
 def destroy_distributed() -> None:
+    """The ``finalize`` entry: leave the process group together (a rank that tears down its gloo
+    connections while another still writes its last files can abort that one)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
