@@ -1,28 +1,41 @@
-"""Data: batch conventions, 2D polyp folders, 3D volumes (readers, layouts, pre-processing), synthetic polyps and organs."""
+"""Data: batch conventions, 2D polyp folders, 3D volumes (readers, layouts, pre-processing), synthetic polyps and organs.
 
-from medseg_peft.data.batches import iter_batches, split_batch
-from medseg_peft.data.polyp_folders import check_pairs, pair_by_stem, polyp_datalists, split_by_stem
-from medseg_peft.data.polyp_transforms import polyp_transforms
-from medseg_peft.data.synthetic_organs import ORGAN_CLASSES, make_synthetic_organs
-from medseg_peft.data.synthetic_polyps import default_cache_dir, make_synthetic_polyps, polyp_image_pair
-from medseg_peft.data.volume_folders import class_names, volume_datalists
-from medseg_peft.data.volume_io import (
-    SaveLabelVolumed,
-    SimpleITKReader,
-    VolumeDataError,
-    VolumeGeometry,
-    check_volume_pair,
-    list_volumes,
-    read_geometry,
-    write_label_volume,
-)
-from medseg_peft.data.volume_transforms import (
-    INTENSITY_PRESETS,
-    label_postprocessing,
-    slice_sampling,
-    volume_preprocessing,
-    volume_preprocessing_config,
-)
+Each name loads its module on first use: the selectors need only ``batches`` (torch alone), and
+importing this package for it must not pull MONAI's transforms and nibabel in behind it.
+"""
+
+from medseg_peft import _lazy_package
+
+_EXPORTS = {
+    "iter_batches": "batches",
+    "split_batch": "batches",
+    "check_pairs": "polyp_folders",
+    "pair_by_stem": "polyp_folders",
+    "polyp_datalists": "polyp_folders",
+    "split_by_stem": "polyp_folders",
+    "polyp_transforms": "polyp_transforms",
+    "ORGAN_CLASSES": "synthetic_organs",
+    "make_synthetic_organs": "synthetic_organs",
+    "default_cache_dir": "synthetic_polyps",
+    "make_synthetic_polyps": "synthetic_polyps",
+    "polyp_image_pair": "synthetic_polyps",
+    "class_names": "volume_folders",
+    "volume_datalists": "volume_folders",
+    "SaveLabelVolumed": "volume_io",
+    "SimpleITKReader": "volume_io",
+    "VolumeDataError": "volume_io",
+    "VolumeGeometry": "volume_io",
+    "check_volume_pair": "volume_io",
+    "list_volumes": "volume_io",
+    "read_geometry": "volume_io",
+    "write_label_volume": "volume_io",
+    "INTENSITY_PRESETS": "volume_transforms",
+    "label_postprocessing": "volume_transforms",
+    "slice_sampling": "volume_transforms",
+    "volume_preprocessing": "volume_transforms",
+    "volume_preprocessing_config": "volume_transforms",
+}
+_lazy_package(__name__, _EXPORTS)
 
 __all__ = [
     "INTENSITY_PRESETS",

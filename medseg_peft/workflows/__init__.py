@@ -1,41 +1,55 @@
-"""What bundles reference: the shared skeleton (``bundle``), metrics, schedules and the per-task glue (polyp, organ)."""
+"""What bundles reference: the shared skeleton (``bundle``), metrics, schedules and the per-task glue (polyp, organ).
 
-from medseg_peft.workflows.bundle import (
-    Checkpoints,
-    check_shardable,
-    destroy_distributed,
-    end_run,
-    given,
-    init_distributed,
-    local_rank,
-    method_name,
-    on_main_process,
-    resolve_device,
-    select_or_resume,
-    start_run,
-    train,
-    train_handlers,
-    unwrap,
-    validation_handlers,
-    world_size,
-)
-from medseg_peft.workflows.contour_sheet import contour_sheet
-from medseg_peft.workflows.guards import base_fingerprint
-from medseg_peft.workflows.metrics import (
-    PerClassScores,
-    binarize,
-    class_dice_handler,
-    class_iou_handler,
-    label_map,
-    mean_dice_handler,
-    mean_iou_handler,
-    per_image_scores,
-)
-from medseg_peft.workflows.organ import num_outputs, organ_data, organ_loss, organ_network, organ_postprocessing, volume_inputs
-from medseg_peft.workflows.polyp import polyp_data, polyp_network
-from medseg_peft.workflows.report import RunReport
-from medseg_peft.workflows.schedule import timm_epoch_cosine, warmup_cosine
-from medseg_peft.workflows.tuned_state import TunedState, load_tuned, save_tuned
+Each name loads its module on first use (``medseg_peft.workflows.train`` imports ``bundle`` then), so
+``python -m medseg_peft.workflows.<module>`` and a bundle that needs one task's glue import only what they use.
+"""
+
+from medseg_peft import _lazy_package
+
+_EXPORTS = {
+    "Checkpoints": "bundle",
+    "check_shardable": "bundle",
+    "destroy_distributed": "bundle",
+    "end_run": "bundle",
+    "given": "bundle",
+    "init_distributed": "bundle",
+    "local_rank": "bundle",
+    "method_name": "bundle",
+    "on_main_process": "bundle",
+    "resolve_device": "bundle",
+    "select_or_resume": "bundle",
+    "start_run": "bundle",
+    "train": "bundle",
+    "train_handlers": "bundle",
+    "unwrap": "bundle",
+    "validation_handlers": "bundle",
+    "world_size": "bundle",
+    "contour_sheet": "contour_sheet",
+    "base_fingerprint": "guards",
+    "PerClassScores": "metrics",
+    "binarize": "metrics",
+    "class_dice_handler": "metrics",
+    "class_iou_handler": "metrics",
+    "label_map": "metrics",
+    "mean_dice_handler": "metrics",
+    "mean_iou_handler": "metrics",
+    "per_image_scores": "metrics",
+    "num_outputs": "organ",
+    "organ_data": "organ",
+    "organ_loss": "organ",
+    "organ_network": "organ",
+    "organ_postprocessing": "organ",
+    "volume_inputs": "organ",
+    "polyp_data": "polyp",
+    "polyp_network": "polyp",
+    "RunReport": "report",
+    "timm_epoch_cosine": "schedule",
+    "warmup_cosine": "schedule",
+    "TunedState": "tuned_state",
+    "load_tuned": "tuned_state",
+    "save_tuned": "tuned_state",
+}
+_lazy_package(__name__, _EXPORTS)
 
 __all__ = [
     "base_fingerprint",
