@@ -34,6 +34,39 @@ def test_metrics_match_hand_computed_values():
     assert math.isclose(float(s["iou"].mean()), (0.6 + 1) / 4, rel_tol=1e-6)
 
 
+
+def test_metrics_agree_with_torchmetrics():
+    """An independent implementation (torchmetrics' F1 = Dice and Jaccard = IoU on the pixels of each image,
+    an empty mask predicted empty scoring 1) against MONAI's per-image and per-class scores we report."""
+    from torchmetrics.functional.classification import binary_f1_score, binary_jaccard_index, multiclass_f1_score, multiclass_jaccard_index
+
+    from medseg_peft.workflows.metrics import class_dice_metric, class_iou_metric
+
+    g = torch.Generator().manual_seed(0)
+    gt = (torch.rand(6, 1, 16, 16, generator=g) > 0.6).float()
+    pred = (torch.rand(6, 1, 16, 16, generator=g) > 0.5).float()
+    gt[4], pred[4] = 0, 0  # empty and predicted empty
+    gt[5] = 0  # empty, predicted non-empty
+    s = per_image_scores(pred, gt)
+    dice = binary_f1_score(pred.flatten(1), gt.flatten(1).long(), multidim_average="samplewise", zero_division=1.0)
+    iou = torch.stack([binary_jaccard_index(p.flatten(), t.flatten().long(), zero_division=1.0) for p, t in zip(pred, gt)])
+    torch.testing.assert_close(s["dice"], dice)
+    torch.testing.assert_close(s["iou"], iou)
+    assert dice[4] == 1 and dice[5] == 0
+
+    # organs: per class (background not scored) per volume, in 3D; class 3 absent from volume 1
+    classes = 4
+    label = torch.randint(0, 3, (2, 1, 6, 8, 8), generator=g)
+    label[0, 0, :2] = 3
+    guess = torch.where(torch.rand(label.shape, generator=g) > 0.3, label, torch.randint(0, 3, label.shape, generator=g))
+    guess[1] = guess[1].clamp(max=2)  # class 3 absent from volume 1 and not predicted there: scores 1
+    onehot = lambda x: torch.nn.functional.one_hot(x[:, 0], classes).movedim(-1, 1).float()  # noqa: E731
+    dice = multiclass_f1_score(guess.flatten(1), label.flatten(1), classes, average="none", multidim_average="samplewise", zero_division=1.0)
+    iou = torch.stack([multiclass_jaccard_index(p.flatten(), t.flatten(), classes, average="none", zero_division=1.0) for p, t in zip(guess, label)])
+    torch.testing.assert_close(class_dice_metric()(onehot(guess), onehot(label)), dice[:, 1:])
+    torch.testing.assert_close(class_iou_metric()(onehot(guess), onehot(label)), iou[:, 1:])
+    assert dice[1, 3] == 1
+
 def test_warmup_cosine_shape():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = warmup_cosine(opt, warmup_steps=4, total_steps=20, min_ratio=0.0)
