@@ -1,0 +1,105 @@
+"""The run's pictures (selection map, training curve) and its cost in metrics.json."""
+
+import json
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+
+import medseg_peft as mp
+from medseg_peft.workflows.pictures import (base_numels, curve_series, draw_selection, draw_training_curve, kind_of, part_of,
+                                            selection_from_flags, selection_table)
+from medseg_peft.workflows.report import RunReport
+
+
+def _png(path):
+    """The picture at ``path`` opens as a PNG with some size."""
+    assert path.is_file() and path.stat().st_size > 0
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 50 and image.height > 50
+        return image.size
+
+
+def test_parameter_kinds_and_parts():
+    assert [kind_of(f"image_encoder.blocks.3.{n}") for n in ("attn.qkv.weight", "attn.rel_pos_h", "mlp.lin1.weight", "mlp.lin1.bias",
+                                                              "norm1.weight", "norm2.bias")] == ["attention", "attention", "mlp", "bias", "norm", "norm"]
+    assert kind_of("blocks.0.ls1.gamma") == "other"
+    assert part_of("sam.mask_decoder.output_upscaling.0.weight", "sam.image_encoder.") == "mask_decoder"
+    assert part_of("sam.image_encoder.neck.0.weight", "sam.image_encoder.") == "image_encoder.neck"
+    assert part_of("head.weight", "") == "head"
+
+
+def test_selection_picture_of_fps_on_tiny_sam(sam, sam_batches, tmp_path):
+    selection = mp.FPS(k=2).select(sam, sam_batches)
+    numels = base_numels(sam)
+    table = selection_table(selection, numels)
+    assert table["blocks"] == [0, 1]
+    assert sum(t for t, _ in table["groups"].values()) == selection.num_trainable
+    assert sum(n for _, n in table["groups"].values()) == sum(p.numel() for p in sam.parameters())
+    assert table["groups"]["mask_decoder"][0] > 0 and "prompt_encoder" in table["groups"]
+    assert table["cells"][0, "attention"][0] == selection["image_encoder.blocks.0.attn.qkv.weight"].count + selection["image_encoder.blocks.0.attn.proj.weight"].count
+    _png(draw_selection(selection, tmp_path / "selection.png", numels))
+
+
+def test_selection_picture_of_lora_on_tiny_vit(vit, tmp_path):
+    total = sum(p.numel() for p in vit.parameters())
+    selection = mp.LoRA(rank=2).select(vit)
+    mp.attach(vit, selection)
+    numels = base_numels(vit)  # attached: parametrized originals under their base names, no branch factors
+    assert sum(numels.values()) == total and "head.weight" in numels
+    table = selection_table(selection, numels)
+    assert all(table["cells"][b, "attention"][0] > 0 and table["cells"][b, "mlp"][0] == 0 for b in (0, 1))
+    _png(draw_selection(selection, tmp_path / "selection.png", numels))
+
+
+def test_full_fine_tuning_is_pictured_from_requires_grad(vit, tmp_path):
+    vit.head.requires_grad_(False)
+    selection = selection_from_flags(vit)
+    assert "head.weight" not in selection and "blocks.0.attn.qkv.weight" in selection
+    assert selection.num_trainable == sum(p.numel() for p in vit.parameters() if p.requires_grad)
+    _png(draw_selection(selection, tmp_path / "selection.png"))
+
+
+def test_training_curve_from_a_small_history(tmp_path):
+    history = [{"epoch": 0, "mDice": 0.3, "mIoU": 0.2}, {"epoch": 1, "mDice": 0.5, "mIoU": 0.4, "train_loss": 0.9},
+               {"epoch": 3, "mDice": 0.6, "mIoU": 0.45, "train_loss": 0.6}]
+    loss, metrics = curve_series(history, "mDice", [{"epoch": 2, "loss": 0.7}])
+    assert loss == {"train loss (mean per epoch)": [(1, 0.9), (2, 0.7), (3, 0.6)]}
+    assert list(metrics) == ["mDice", "mIoU"] and metrics["mDice"][0] == (0, 0.3)
+    path = draw_training_curve(history, tmp_path / "training_curve.png", "mDice")
+    _png(path)
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed over the target
+
+
+def test_run_report_records_loss_cost_and_pictures(vit, tmp_path):
+    """A RunReport cycle on ignite engines: the mean training loss per epoch, wall time, peak memory and the
+    tuned fraction land in metrics.json; selection.png at attach, training_curve.png after each validation."""
+    selection = mp.LoRA(rank=2).select(vit)
+    mp.attach(vit, selection)
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(batch * engine.state.epoch)})
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(mDice=0.1 * trainer.state.epoch, mIoU=0.05))
+    trainer.add_event_handler(Events.STARTED, lambda e: evaluator.run([0]))  # as ValidationHandler(exec_at_start)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
+    report = RunReport(tmp_path, vit, trainer, key_metric="mDice", method="lora")
+    report.attach(evaluator)
+    _png(tmp_path / "selection.png")
+    trainer.run([1.0, 3.0], max_epochs=2)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["train_loss"] == [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 4.0}]
+    assert [h.get("train_loss") for h in data["history"]] == [None, 2.0, 4.0]
+    assert data["wall_time_s"] > 0 and data["wall_time_s"] <= data["seconds"]
+    assert data["peak_memory_mib"] > 0 and data["peak_memory_kind"] == "process_max_rss"
+    assert data["trainable"] == selection.num_trainable and data["trainable_fraction"] == pytest.approx(selection.fraction)
+    _png(tmp_path / "training_curve.png")
+
+
+def test_run_report_pictures_a_network_without_selection(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    net[0].requires_grad_(False)
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(1.0)})
+    report = RunReport(tmp_path, net, trainer, method="full")
+    report.attach(Engine(lambda engine, batch: None))
+    _png(tmp_path / "selection.png")
+    assert report.selection().num_trainable == 3 * 2 + 2
