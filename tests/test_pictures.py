@@ -1,4 +1,4 @@
-"""The run's pictures (selection map, training curve) and its cost in metrics.json."""
+"""The run's pictures (selection map, training curve, contour sheet with legend) and its cost in metrics.json."""
 
 import json
 
@@ -8,6 +8,8 @@ from ignite.engine import Engine, Events
 from PIL import Image
 
 import medseg_peft as mp
+from medseg_peft.workflows.contour_sheet import contour_sheet, draw_tile, tile_dice
+from medseg_peft.workflows.metrics import per_image_scores
 from medseg_peft.workflows.pictures import (base_numels, curve_series, draw_selection, draw_training_curve, kind_of, part_of,
                                             selection_from_flags, selection_table)
 from medseg_peft.workflows.report import RunReport
@@ -103,3 +105,47 @@ def test_run_report_pictures_a_network_without_selection(tmp_path):
     report.attach(Engine(lambda engine, batch: None))
     _png(tmp_path / "selection.png")
     assert report.selection().num_trainable == 3 * 2 + 2
+
+
+def test_tile_dice_by_hand():
+    pred = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    true = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert tile_dice(pred, true) == 2 * 3 / (4 + 4)  # TP 3, FP 1, FN 1
+    assert tile_dice(torch.zeros(4, 4), torch.zeros(4, 4)) == 1.0  # nothing to find, nothing found
+    # two classes: class 1 as above (0.75); class 2 only in the truth (0.0); class 3 nowhere (not counted)
+    true2 = true.clone()
+    true2[3, 3] = 2
+    assert tile_dice(pred, true2, num_classes=3) == pytest.approx((0.75 + 0.0) / 2)
+    # the sheet's binary tiles score as the validation metric scores the image
+    _, dice = draw_tile(torch.zeros(3, 4, 4), true, pred, 1)
+    assert dice == pytest.approx(float(per_image_scores(pred[None, None].float(), true[None, None].float())["dice"][0]))
+
+
+class _Circles(torch.nn.Module):
+    """Fixed logits: a disc per class, with ``channels`` outputs (1: binary)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        ys, xs = torch.meshgrid(torch.arange(x.shape[-2]), torch.arange(x.shape[-1]), indexing="ij")
+        out = torch.full((x.shape[0], self.channels, *x.shape[-2:]), -5.0)
+        if self.channels > 1:
+            out[:, 0] = 0.0  # background
+        for c in range(1 if self.channels > 1 else 0, self.channels):
+            out[:, c][:, (ys - 10 - 12 * c) ** 2 + (xs - 20) ** 2 < 60] = 5.0
+        return out
+
+
+def test_contour_sheet_with_a_legend_writes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    label = torch.zeros(2, 1, 48, 48)
+    label[:, :, 5:15, 15:25] = 1
+    label[:, :, 30:40, 15:25] = 2
+    binary = [{"image": torch.rand(2, 3, 48, 48, generator=g) * 255, "label": (label > 0).float()}]
+    w, h = _png(contour_sheet(_Circles(1), binary, tmp_path / "binary.png", torch.device("cpu"), max_images=3))
+    assert (w, h) != (2 * 48, 48) and h > 48  # the legend strip below the tiles
+    organ = [{"image": torch.rand(2, 1, 48, 48, generator=g), "label": label}]
+    _png(contour_sheet(_Circles(3), organ, tmp_path / "organ.png", torch.device("cpu"), class_names=["liver", "kidney"]))
