@@ -55,6 +55,20 @@ def test_selection_picture_of_lora_on_tiny_vit(vit, tmp_path):
     _png(draw_selection(selection, tmp_path / "selection.png", numels))
 
 
+def test_selection_picture_of_spt_on_tiny_vit(vit, vit_batches, tmp_path):
+    """SPT mixes sparse entries, LoRA and adapters, and parametrizes tensors of the model itself (cls_token):
+    every base parameter is counted once under its own name."""
+    total = sum(p.numel() for p in vit.parameters())
+    selection = mp.SPT(budget=2000, rank=2).select(vit, vit_batches)
+    mp.attach(vit, selection)
+    numels = base_numels(vit)
+    assert sum(numels.values()) == total and "cls_token" in numels
+    table = selection_table(selection, numels)
+    assert sum(t for t, _ in table["groups"].values()) == selection.num_trainable
+    assert not any("parametrizations" in g or "peft_branch" in g for g in table["groups"])
+    _png(draw_selection(selection, tmp_path / "selection.png", numels))
+
+
 def test_full_fine_tuning_is_pictured_from_requires_grad(vit, tmp_path):
     vit.head.requires_grad_(False)
     selection = selection_from_flags(vit)

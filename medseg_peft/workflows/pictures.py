@@ -97,12 +97,13 @@ def base_numels(network: nn.Module) -> dict[str, int]:
     base parameters and are left out."""
     out = {}
     for name, p in network.named_parameters():
-        if ".parametrizations." in name:
+        dotted = f".{name}"  # a parametrized tensor of the model itself (cls_token) has no owner before the marker
+        if ".parametrizations." in dotted:
             if not name.endswith(".original"):
                 continue
-            owner, _, rest = name.partition(".parametrizations.")
-            name = f"{owner}.{rest.split('.')[0]}"
-        elif ".peft_branch." in name:
+            owner, _, rest = dotted.partition(".parametrizations.")
+            name = f"{owner}.{rest.split('.')[0]}".lstrip(".")
+        elif ".peft_branch." in dotted:
             continue
         out[name] = p.numel()
     return out
