@@ -200,11 +200,11 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
 
 
 # ---- handlers ----------------------------------------------------------------------------------
-def train_handlers(lr_scheduler, validator, val_interval: int, output_dir: str | Path) -> list:
+def train_handlers(lr_scheduler, validator, val_interval: int, output_dir: str | Path, stream=None) -> list:
     """Every rank: a stop at a non-finite loss, the per-iteration learning-rate schedule and validation (all
-    ranks validate together; the last epoch always). Rank 0: the progress bar, the loss log and TensorBoard."""
-    from ignite.handlers import ProgressBar
-    from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
+    ranks validate together; the last epoch always). Rank 0: the progress (:func:`progress_handlers`,
+    the bar on ``stream``, by default stderr) and the loss in TensorBoard."""
+    from monai.handlers import LrScheduleHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
 
     from medseg_peft.workflows.guards import FiniteLoss, ValidateLastEpoch
 
@@ -217,13 +217,86 @@ def train_handlers(lr_scheduler, validator, val_interval: int, output_dir: str |
         ValidateLastEpoch(validator, int(val_interval)),
     ]
     if is_main_process():
-        loss = from_engine(["loss"], first=True)
-        handlers += [
-            ProgressBar(persist=True, desc="train"),
-            StatsHandler(tag_name="train_loss", iteration_log=False, output_transform=loss),
-            TensorBoardStatsHandler(log_dir=str(Path(output_dir) / "tensorboard"), tag_name="train_loss", output_transform=loss),
-        ]
+        handlers += progress_handlers(lr_scheduler.optimizer, stream)
+        handlers.append(TensorBoardStatsHandler(log_dir=str(Path(output_dir) / "tensorboard"), tag_name="train_loss",
+                                                output_transform=from_engine(["loss"], first=True)))
     return handlers
+
+
+def progress_handlers(optimizer: torch.optim.Optimizer, stream=None) -> list:
+    """How a training run shows its progress: a progress bar only where ``stream`` (default: stderr, where
+    the bar writes) is a terminal, and always one :class:`EpochSummary` log line per epoch.
+
+    Written to a file (CI, ``nohup``, a cluster job) a bar is a run of carriage-return redraws that the
+    file keeps side by side on one line; the log line is what such a log should hold instead, and on a
+    terminal it adds the mean loss, learning rate and time that the bar does not show."""
+    stream = sys.stderr if stream is None else stream
+    handlers = []
+    if _is_terminal(stream):
+        from ignite.handlers import ProgressBar
+
+        handlers.append(ProgressBar(persist=True, desc="train", file=stream))
+    return handlers + [EpochSummary(optimizer)]
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (ValueError, OSError):  # a closed or detached stream
+        return False
+
+
+class EpochSummary:
+    """Logs ``epoch 3/20  loss 0.4123  lr 0.000976  12.4 s (total 37.1 s)`` at the end of each training epoch:
+    the mean training loss over its iterations, the learning rate its last step used (the schedule steps per
+    iteration), the wall time of the epoch's training steps (not of the validation that may follow them) and
+    of the run so far. The loss is summed on its device and read once per epoch, so the line costs no
+    synchronisation per step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, output_transform=None):
+        self.optimizer = optimizer
+        self.output_transform = output_transform or _loss_of
+        self.started = self.epoch_started = self.last_step = time.perf_counter()
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.read_lr)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.add_loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def start(self, engine) -> None:
+        self.started = time.perf_counter()
+
+    def start_epoch(self, engine) -> None:
+        self.epoch_started = self.last_step = time.perf_counter()
+        self.loss_sum, self.steps, self.lr = 0.0, 0, None
+
+    def read_lr(self, engine) -> None:
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def add_loss(self, engine) -> None:
+        loss = self.output_transform(engine.state.output)
+        self.loss_sum = self.loss_sum + (loss.detach().float() if isinstance(loss, torch.Tensor) else float(loss))
+        self.steps += 1
+        self.last_step = time.perf_counter()
+
+    def write(self, engine) -> None:
+        now = time.perf_counter()
+        loss = float(self.loss_sum) / self.steps if self.steps else float("nan")
+        lr = self.optimizer.param_groups[0]["lr"] if self.lr is None else self.lr
+        log.info("epoch %d/%d  loss %.4f  lr %.3g  %.1f s (total %.1f s)", engine.state.epoch, engine.state.max_epochs, loss, lr,
+                 self.last_step - self.epoch_started, now - self.started)
+
+
+def _loss_of(output):
+    """The loss in a trainer's output: MONAI's ``{"loss": ...}`` (a list of them per sample when decollated), or the value itself."""
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], dict):
+        output = output[0]
+    return output["loss"] if isinstance(output, dict) else output
 
 
 def validation_handlers(output_dir: str | Path, *every_rank) -> list:
