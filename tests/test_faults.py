@@ -96,7 +96,7 @@ def test_a_rerun_with_other_settings_stops_and_says_what_differs(tmp_path):
     with pytest.raises(Exception) as info:
         run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "k": 1})
     message = error_chain(info.value)
-    assert "holds a run made with other settings" in message and "selector" in message and "'k': 4" in message
+    assert "holds a run made with other settings" in message and "selector" in message and "'k': 8" in message
     with pytest.raises(Exception) as info:
         run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "select_batches": 1})
     assert "select_batches: 2 in the folder, 1 now" in error_chain(info.value)

@@ -23,9 +23,9 @@ def run_bundle(name: str, output_dir: Path, **overrides):
 
 
 METHOD_LAYERS = {  # layer -> (selector class, settings the saved selection must record)
-    None: (mp.FPS, {"k": 4}),
-    "methods/fps.json": (mp.FPS, {"k": 4}),
-    "methods/gps.json": (mp.GPS, {"k": 4, "loss": "DiceCELoss"}),
+    None: (mp.FPS, {"k": 8}),
+    "methods/fps.json": (mp.FPS, {"k": 8}),
+    "methods/gps.json": (mp.GPS, {"k": 8, "loss": "DiceCELoss"}),
     "methods/full.json": (mp.Full, {}),
     "methods/lora.json": (mp.LoRA, {"rank": 4}),
     "methods/spt.json": (mp.SPT, {"budget": 50000, "rank": 4, "loss": "DiceCELoss"}),

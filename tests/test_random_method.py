@@ -36,7 +36,7 @@ def test_random_layer_runs_in_the_polyp_bundle(tmp_path, monkeypatch):
     run_workflow(["polyp_fps.json", "methods/random.json"], output_dir=str(out), epochs=1, synthetic_images=16, batch_size=4,
                  image_size=64, select_batches=2, num_workers=0)
     saved = mp.Selection.load(out / "selection.safetensors")
-    assert saved.method == "random" and saved.hparams["k"] == 4 and saved.hparams["seed"] == 0
+    assert saved.method == "random" and saved.hparams["k"] == 8 and saved.hparams["seed"] == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "random" and [h["epoch"] for h in metrics["history"]] == [0, 1]
     assert (out / "best_delta.safetensors").is_file()

@@ -1,13 +1,15 @@
 """Colonoscopy-like synthetic polyps: the default target task when no real dataset is given.
 
 The images imitate what makes real polyp segmentation hard rather than what makes it look pretty:
-lesions differ from the mucosa only a little in colour (some redder, some paler, some the same hue
-with a different surface texture), and the same colour shifts also appear as flat, unlabelled
-patches; what gives a polyp away is its *shape in light*: a dome lit by the scope's own lamp, a
-shadow at its base, specular glints on its top and a rim where it rises from the wall. Folds,
-vessels, a dark lumen, lighting falloff, black corners and JPEG noise add the clutter of a real frame.
-So a model that has only learnt "a uniformly coloured object on a background" (the demo SAM's
-source task) does poorly here zero-shot, and a few tuned weights have something real to learn.
+lesions are redder (congested) or paler than the mucosa, but weaker colour shifts of the same kinds
+also appear as flat, unlabelled patches; what gives a polyp away is its colour together with its
+*shape in light*: a dome lit by the scope's own lamp, a shadow at its base, specular glints on its
+top and a rim where it rises from the wall. Folds, vessels, a dark lumen, lighting falloff, black
+corners and JPEG noise add the clutter of a real frame. So a model that has only learnt "a uniformly
+coloured object on a background" (the demo SAM's source task) does poorly here zero-shot, and its
+encoder has something real to learn. (Version 1 made some lesions the mucosa's own hue: a task no
+method could learn well from 200 images in the default run's minutes, which hid the differences
+between methods.)
 
 Only NumPy and PIL are used (no SciPy): smooth noise is low-resolution Gaussian noise upsampled
 bicubically, which is also what keeps 200 images of 128 px to about a second.
@@ -25,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from medseg_peft.data.cache import build_once, default_cache_dir
 
-GENERATOR_VERSION = 1  # bump when the images change, so stale caches are not reused
+GENERATOR_VERSION = 2  # bump when the images change, so stale caches are not reused
 
 
 @lru_cache(maxsize=8)
@@ -165,6 +167,15 @@ def _tint(rng: np.random.Generator) -> np.ndarray:
     return np.array(rng.uniform(0.96, 1.04, 3), np.float32)
 
 
+def _lesion_tint(rng: np.random.Generator) -> np.ndarray:
+    """A polyp's colour change: clearly redder or paler than the mucosa (stronger than any flat patch's)."""
+    if rng.integers(2) == 0:  # congested, redder
+        g = rng.uniform(0.62, 0.82)
+        return np.array([rng.uniform(0.98, 1.08), g, g * rng.uniform(0.95, 1.05)], np.float32)
+    f = rng.uniform(1.12, 1.3)  # paler, whitish-pink
+    return np.array([rng.uniform(0.98, 1.04), f, f * rng.uniform(1.0, 1.08)], np.float32)
+
+
 def _n_polyps(rng: np.random.Generator) -> int:
     return int(rng.choice([0, 1, 2, 3], p=[0.04, 0.62, 0.24, 0.10]))
 
@@ -211,7 +222,7 @@ def polyp_image_pair(rng: np.random.Generator, size: int = 128) -> tuple[np.ndar
         normal_z = 1 / np.sqrt(gx * gx + gy * gy + 1)
         lambert = (-gx * light_dir[0] - gy * light_dir[1] + light_dir[2]) * normal_z - light_dir[2]  # 0 where flat
         texture = 1 + rng.uniform(0.02, 0.07) * _smooth_noise(rng, max(ratio.shape), rng.uniform(1.5, 4) * scale)[: ratio.shape[0], : ratio.shape[1]]
-        surface = _tint(rng)[None, None] * texture[..., None]
+        surface = _lesion_tint(rng)[None, None] * texture[..., None]
         alpha = (1 - _smoothstep(0.9, 1.05, ratio))[..., None]
         polyp = img[win] * surface * (1 + rng.uniform(0.6, 1.2) * lambert)[..., None]
         # a soft shadow where it rises from the wall, on the side facing away from the lamp
