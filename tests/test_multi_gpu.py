@@ -81,6 +81,7 @@ def _selection_worker(rank: int, port: int, out: str, method: str, model_seed_pe
             result["error"] = str(err)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
+        dist.barrier()  # leave together: gloo torn down under a rank still working aborts it ("terminate called ...")
         dist.destroy_process_group()
 
 
