@@ -163,3 +163,27 @@ def test_contour_sheet_with_a_legend_writes(tmp_path):
     assert (w, h) != (2 * 48, 48) and h > 48  # the legend strip below the tiles
     organ = [{"image": torch.rand(2, 1, 48, 48, generator=g), "label": label}]
     _png(contour_sheet(_Circles(3), organ, tmp_path / "organ.png", torch.device("cpu"), class_names=["liver", "kidney"]))
+
+
+def test_the_best_file_keeps_the_scored_networks_weights(vit, tmp_path):
+    """With EMA the scored network is the EMA copy: the best result file holds its deltas, not the raw ones."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    mp.attach(vit, mp.LoRA(rank=2).select(vit))
+    scored = copy.deepcopy(vit)
+    with torch.no_grad():
+        for p in mp.trainable_parameters(scored):
+            p.fill_(0.5)
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(1.0)})
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(mDice=0.5))
+    trainer.add_event_handler(Events.STARTED, lambda e: evaluator.run([0]))
+    report = RunReport(tmp_path, vit, trainer, key_metric="mDice", method="lora", result_network=scored)
+    report.attach(evaluator)
+    trainer.run([1.0], max_epochs=1)
+    saved = load_file(str(tmp_path / "best_delta.safetensors"))
+    lora = [k for k in saved if k.endswith("lora_B")]
+    assert lora and all(bool((saved[k] == 0.5).all()) for k in lora)  # the scored copy's, not the raw zeros
+    assert json.loads((tmp_path / "metrics.json").read_text())["trainable"] == mp.tuning.tuning_state(vit).selection.num_trainable

@@ -52,13 +52,18 @@ def write_json(data: dict, path: str | Path) -> None:
 
 
 class RunReport:
-    """Records validation metrics per epoch, keeps the best result file, prints before / after."""
+    """Records validation metrics per epoch, keeps the best result file, prints before / after.
+
+    ``result_network`` is the network whose key metric is scored and whose weights the best result
+    file keeps (the EMA copy when a classification recipe validates its EMA weights); ``network``, the
+    one being trained, is what the tuned counts and the selection picture describe."""
 
     def __init__(self, output_dir: str | Path, network: nn.Module, trainer: Engine, key_metric: str = "mDice", method: str = "",
-                 settings: dict | None = None, best_each: Sequence[str] = ()):
+                 settings: dict | None = None, best_each: Sequence[str] = (), result_network: nn.Module | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.network = network
+        self.result_network = network if result_network is None else result_network
         self.trainer = trainer
         self.key = key_metric
         self.best_each = list(best_each)
@@ -200,10 +205,10 @@ class RunReport:
         if epoch == 0 and self.data["best"] is None:
             # the untuned model is the first candidate: best_delta is never worse than not tuning at all
             self.data["best"] = entry
-            save_tuned(self.network, self.dir / BEST_FILE)
+            save_tuned(self.result_network, self.dir / BEST_FILE)
         elif epoch > 0 and metrics.get(self.key, float("-inf")) > self.data["best"].get(self.key, float("-inf")):
             self.data["best"] = entry
-            save_tuned(self.network, self.dir / BEST_FILE)
+            save_tuned(self.result_network, self.dir / BEST_FILE)
             log.info("epoch %d: new best %s, saved %s", epoch, _fmt(metrics), self.dir / BEST_FILE)
         self.data["best_each"] = self.bests(history)
         trainable, fraction = self.tuned_fraction()
