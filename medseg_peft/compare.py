@@ -291,15 +291,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _ticks(lo: float, hi: float, n: int = 5) -> tuple[list[float], int]:
     """About ``n`` round values in ``[lo, hi]`` and the decimals that tell them apart."""
     raw = (hi - lo) / n
@@ -328,13 +319,15 @@ def plot(rows: list[dict], path: Path) -> Path:
     needs none."""
     from PIL import Image, ImageDraw
 
+    from medseg_peft.workflows import pictures
+
     key = rows[0]["key_metric"]
     points = [r for r in rows if r["tuned_percent"] and r["best"].get(key) is not None]
     zeros = sorted({round(r["zero_shot"][key], 6) for r in rows if r["zero_shot"].get(key) is not None})
     width, height, left, right, top, bottom = 900, 580, 80, 60, 60, 70
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font, small = _font(15), _font(12)
+    font, small = pictures.font(15), pictures.font(12)
     draw.text((left, 16), f"best {key} against the share of tuned parameters", fill="black", font=font)
     if not points:
         draw.text((left, height // 2), "no run with a tuned share and a best score", fill="black", font=font)
@@ -389,8 +382,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         draw = ImageDraw.Draw(image)
         label = r["run"] if r["method"] in repeated else r["method"]
         placed.append(_label(draw, label, x, y, radius, colour, font, placed, width))
-    image.convert("RGB").save(path)
-    return path
+    return pictures.save_png(image.convert("RGB"), path)
 
 
 def _label(draw, text: str, x: float, y: float, radius: float, colour: str, font, placed: list, width: int):
@@ -411,10 +403,10 @@ def common_parent(folders: list[Path]) -> Path:
 
 
 def write(rows: list[dict], out: Path, done: list[dict], argv: list[str]) -> None:
-    from medseg_peft.workflows.report import write_json
+    from medseg_peft.io import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"key_metric": rows[0]["key_metric"], "rows": rows, "runs": done, "command": argv}, out / "comparison.json")
+    atomic_write_json({"key_metric": rows[0]["key_metric"], "rows": rows, "runs": done, "command": argv}, out / "comparison.json")
     plot(rows, out / "comparison.png")
 
 

@@ -1,23 +1,36 @@
-"""File writing that survives an interruption: write beside the target, then rename over it."""
+"""File writing that survives an interruption: write beside the target, then rename over it.
+
+Every file a run leaves behind (result files, checkpoints, metrics, settings, pictures) goes
+through :func:`atomic_write`, so a kill at any moment leaves the old file or the new one, never half
+of one, and two processes writing the same file never share a temporary.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Save ``tensors`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str | None = None, fsync: bool = False) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    ``suffix`` is the temporary's (writers that pick a format by file name, e.g. ``.nii.gz``, need the
+    target's); ``fsync`` puts the bytes on disk before the rename (checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever shares the results
@@ -26,3 +39,15 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Save ``tensors`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write_json(data, path: str | Path, sort_keys: bool = False) -> Path:
+    """``data`` as indented JSON at ``path``: a reader sees the old file or the new one."""
+    text = json.dumps(data, indent=2, sort_keys=sort_keys)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -471,7 +471,10 @@ def _is_user_field(key: str) -> bool:
 
 
 def _atomic(out_path: Path, write: Callable[[str], None]) -> Path:
-    """Write through a temporary file in the same folder, so a crash never leaves a half label behind."""
+    """Write through a temporary file in the same folder, so a crash never leaves a half label behind.
+
+    (``medseg_peft.io.atomic_write``'s twin: this module is copied into exported bundles, which run
+    without medseg_peft, so it imports nothing from the package.)"""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=".tmp_", suffix=_suffix(out_path) or out_path.suffix)
     os.close(fd)

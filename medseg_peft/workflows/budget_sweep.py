@@ -25,7 +25,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from medseg_peft.workflows.report import METRICS_FILE, write_json
+from medseg_peft.io import atomic_write_json
+from medseg_peft.workflows.report import METRICS_FILE
 
 log = logging.getLogger("medseg_peft")
 
@@ -99,7 +100,7 @@ def sweep(config_file: str | Sequence[str], budgets: Sequence[int] = SPT_BUDGETS
     chosen = {"task": task, "method": method, "budget": best, "metric": "top1", "split_mode": "val",
               "scores": {str(b): s for b, s in scores.items()}, "runs": {str(b): r for b, r in runs.items()}}
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_json(chosen, target)
+    atomic_write_json(chosen, target)
     log.info("budget sweep %s: chose budget %d (validation top-1 %.2f of %s); wrote %s", task, best, scores[best],
              {b: round(s, 2) for b, s in scores.items()}, target)
     print(f"{task}: budget {best:,} (validation top-1 {scores[best]:.2f}); written to {target}", flush=True)

@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from medseg_peft.io import atomic_write
 from medseg_peft.distributed import barrier, broadcast_object, is_distributed, is_main_process, rank, world_size
 from medseg_peft.selection.base import Selector
 from medseg_peft.selection.selection import Selection
@@ -427,14 +428,9 @@ class Checkpoints:
         and deletes the previous file first)."""
         if not is_main_process():
             return None
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"checkpoint_epoch={trainer.state.epoch}.pt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save({name: obj.state_dict() for name, obj in self.objects.items()}, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp), fsync=True)  # on disk before the rename makes it the checkpoint
         for old in self.directory.glob("checkpoint_epoch=*.pt"):
             if old != path:
                 old.unlink()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from medseg_peft.io import atomic_write_json
 from medseg_peft.distributed import is_main_process
 
 log = logging.getLogger("medseg_peft")
@@ -188,10 +189,7 @@ def check_run_settings(output_dir: str | Path, settings: dict) -> dict:
                              "continue it, or pick another output_dir (or delete this one) to start fresh")
         return normal
     if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(normal, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_json(normal, path, sort_keys=True)
     return normal
 
 

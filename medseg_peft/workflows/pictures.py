@@ -16,7 +16,6 @@ target), so a viewer refreshing it during training never sees half a PNG.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from medseg_peft.io import atomic_write
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 KINDS = ("attention", "mlp", "bias", "norm", "other")
@@ -150,13 +150,8 @@ def font(size: int = 12) -> ImageFont.ImageFont:
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    """Write ``image`` as a PNG beside ``path``, then rename it over ``path``."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def blend(t: float, low=COLD, high=HOT) -> tuple[int, int, int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from medseg_peft.io import atomic_write_json
 from medseg_peft.distributed import is_main_process
 from medseg_peft.tuning import is_attached, tuning_state
 from medseg_peft.workflows.pictures import base_numels, draw_selection, draw_training_curve, selection_from_flags
@@ -41,14 +41,6 @@ BEST_FILE = "best_delta.safetensors"
 METRICS_FILE = "metrics.json"
 SELECTION_PICTURE = "selection.png"
 CURVE_PICTURE = "training_curve.png"
-
-
-def write_json(data: dict, path: str | Path) -> None:
-    """Write ``data`` as JSON beside ``path``, then rename it over ``path``: a reader sees the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 class RunReport:
@@ -217,7 +209,7 @@ class RunReport:
         self.data["seconds"] = self._seconds_before + now - self.started
         self.data["wall_time_s"] = self._wall_before + now - self.training_started
         self.record_peak_memory()
-        write_json(self.data, self.path)
+        atomic_write_json(self.data, self.path)
         self.draw_curve()
 
     def record_peak_memory(self) -> None:
