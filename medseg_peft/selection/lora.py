@@ -17,6 +17,7 @@ from torch import nn
 
 from medseg_peft.selection.base import Selector, model_device, seeded, settings_dataclass
 from medseg_peft.selection.eligibility import always_trained
+from medseg_peft.selection.rules import check_positive_int, check_rate
 from medseg_peft.selection.selection import LORA, WHOLE, Entries, Selection
 
 DEFAULT_TARGETS = r"(^|\.)blocks\.\d+\.attn\.qkv\.weight$"
@@ -46,11 +47,9 @@ class LoRA(Selector):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        check_positive_int(self.rank, "LoRA rank")
         for key in ("dropout", "drop_path"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"LoRA {key} must be in [0, 1), got {getattr(self, key)!r}")
+            check_rate(getattr(self, key), f"LoRA {key}")
 
     def build(self, model: nn.Module, batches: Iterable = ()) -> Selection:
         if self.train_whole == "auto":

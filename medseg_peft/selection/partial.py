@@ -49,6 +49,7 @@ from medseg_peft.data.batches import iter_batches
 from medseg_peft.distributed import average_gradients
 from medseg_peft.selection.eligibility import always_trained
 from medseg_peft.selection.base import Selector, check_max_batches, model_device, seeded, settings_dataclass
+from medseg_peft.selection.rules import check_positive_int
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 log = logging.getLogger("medseg_peft")
@@ -224,12 +225,11 @@ class Partial(Selector):
                 "Partial needs exactly one of strategy= (a strategy name or a list of globs) and angle_top= "
                 f"(a number of units to pick by the fine-tuned angle), got strategy={strategy!r}, angle_top={angle_top!r}"
             )
-        if angle_top is not None and (isinstance(angle_top, bool) or not isinstance(angle_top, int) or angle_top <= 0):
-            raise ValueError(f"angle_top must be a positive integer, got {angle_top!r}")
+        if angle_top is not None:
+            check_positive_int(angle_top, "angle_top")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
-        if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps <= 0:
-            raise ValueError(f"probe_steps must be a positive integer, got {self.probe_steps!r}")
+        check_positive_int(self.probe_steps, "probe_steps")
         if not self.probe_lr > 0:
             raise ValueError(f"probe_lr must be positive, got {self.probe_lr!r}")
         if not callable(self.loss) and self.loss != "ce":

@@ -13,10 +13,22 @@ import torch
 from medseg_peft.selection.selection import FLAT, ROWS, Entries, row_view_shape
 
 
+def check_positive_int(value, what: str, meaning: str = "") -> int:
+    """``value`` if it is a positive integer (not a bool), else a ``ValueError`` naming ``what`` it is for."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer{f' ({meaning})' if meaning else ''}, got {value!r}")
+    return value
+
+
+def check_rate(value, what: str) -> float:
+    """``value`` if it is a probability in ``[0, 1)`` (a dropout or drop-path rate), else a ``ValueError``."""
+    if not 0 <= value < 1:
+        raise ValueError(f"{what} must be in [0, 1), got {value!r}")
+    return value
+
+
 def check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive integer (entries per output row), got {k!r}")
-    return k
+    return check_positive_int(k, "k", "entries per output row")
 
 
 def topk_per_row(score: torch.Tensor, k: int, name: str = "parameter") -> Entries:
@@ -43,8 +55,7 @@ def global_top(scores: Mapping[str, torch.Tensor], n: int) -> dict[str, Entries]
 
     Tensors with no chosen entry are left out of the result.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"the global budget must be a positive integer, got {n!r}")
+    check_positive_int(n, "the global budget")
     total = sum(s.numel() for s in scores.values())
     if n > total:
         raise ValueError(f"budget {n} is larger than the {total} eligible entries")

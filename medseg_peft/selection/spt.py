@@ -25,6 +25,7 @@ the reference places them; adapters stay modules and are not mergeable.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ from torch import nn
 from medseg_peft.data.batches import iter_batches
 from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device, seeded, settings_dataclass
 from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN, is_sam
+from medseg_peft.selection.rules import check_positive_int, check_rate
 from medseg_peft.selection.selection import ADAPTER, FLAT, LORA, WHOLE, Entries, Selection, branch_cost, row_view_shape
 
 SPT_PRESETS: dict[str, list[dict]] = {
@@ -142,17 +144,14 @@ class SPT(ScoredSelector):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
-            raise ValueError(f"SPT budget must be a positive integer (trainable parameters), got {self.budget!r}")
+        check_positive_int(self.budget, "SPT budget", "trainable parameters")
         if self.structured not in STRUCTURED:
             raise ValueError(f"SPT structured must be one of {sorted(STRUCTURED)}, got {self.structured!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"SPT rank must be a positive integer, got {self.rank!r}")
+        check_positive_int(self.rank, "SPT rank")
         if self.step not in ("auto", None) and (isinstance(self.step, bool) or not isinstance(self.step, int) or self.step <= 0):
             raise ValueError(f"SPT step must be 'auto', a positive integer or None (exact search), got {self.step!r}")
         for key in ("dropout", "drop_path"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"SPT {key} must be in [0, 1), got {getattr(self, key)!r}")
+            check_rate(getattr(self, key), f"SPT {key}")
         if self.loss != "ce" and not callable(self.loss):
             raise ValueError(f"SPT loss must be 'ce' or a callable (outputs, targets) -> loss, got {self.loss!r}")
 
@@ -208,8 +207,9 @@ class SPT(ScoredSelector):
             n_eff = min(n, available)
             if n_eff > depth:
                 return None
-            gap = abs(total(n_eff) - self.budget)
-            if best_gap is not None and gap > best_gap and total(n_eff) > self.budget:
+            trained = total(n_eff)
+            gap = abs(trained - self.budget)
+            if best_gap is not None and gap > best_gap and trained > self.budget:
                 return best  # totals only grow from here
             if best_gap is None or gap <= best_gap:
                 best, best_gap = n_eff, gap
@@ -225,7 +225,7 @@ class SPT(ScoredSelector):
         units, unit_shapes, unit_owner = [], {}, []  # unit_owner: per flat position, its unit number
         for name in names:
             shape = shapes[name]
-            cols = row_view_shape(shape)[1] if len(shape) >= 2 else 1
+            cols = math.prod(shape[1:])  # entries per row (1 for a vector)
             for unit, a, b in units_of(name, shape):
                 unit_owner.append(torch.full(((b - a) * cols,), len(units), dtype=torch.long))
                 units.append((unit, name, a, b))
@@ -268,8 +268,8 @@ class SPT(ScoredSelector):
             by_tensor.setdefault(name, []).append((unit, a, b))
         for name, parts in by_tensor.items():
             shape = shapes[name]
-            numel = int(torch.tensor(shape).prod())
-            cols = numel // shape[0]
+            cols = math.prod(shape[1:])
+            numel = shape[0] * cols
             mine = picked[start : start + numel]
             start += numel
             blocks, single = [], torch.zeros(numel, dtype=torch.bool)

@@ -38,9 +38,10 @@ class AdapterDelta(Branch):
 
     layout = ADAPTER
 
-    def __init__(self, entries, device=None, dropout: float = 0.0, drop_path_rate: float = 0.0):
-        self.reads_output = not entries.on_input
-        super().__init__(entries, device, dropout, drop_path_rate)
+    @property
+    def reads_output(self) -> bool:
+        """Sequential on the layer's output, except the projection's adapter, which reads the layer's input."""
+        return not self.on_input
 
     def make_block(self, rows: int, device) -> nn.Module:
         return AdapterFactors(self.in_features if self.on_input else rows, rows, self.rank, device)
