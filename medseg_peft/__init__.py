@@ -59,7 +59,7 @@ def _lazy_package(name: str, exports: dict[str, str], submodules: tuple[str, ...
     package.__class__ = _LazyPackage
 
 
-from medseg_peft.selection import FPS, GPS, METHODS, SPT, LoRA, Partial, PRESETS, Entries, Full, Selection, Selector, selector  # noqa: E402
+from medseg_peft.selection import FPS, GPS, Decoder, METHODS, SPT, LoRA, Partial, PRESETS, Entries, Full, Selection, Selector, selector  # noqa: E402
 from medseg_peft.tuning import attach, cast_base, detach, load_delta, merge, save_delta, soup, trainable_parameters, unmerge  # noqa: E402
 
 # MONAI-facing parts, imported when first touched: mp.data, mp.workflows, mp.export, ...
@@ -75,6 +75,7 @@ def activation_checkpointing(model, enabled: bool = True):
 
 
 __all__ = [
+    "Decoder",
     "FPS",
     "activation_checkpointing",
     "GPS",

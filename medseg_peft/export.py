@@ -30,7 +30,7 @@ from torch import nn
 
 log = logging.getLogger("medseg_peft")
 
-BUNDLE_SCRIPTS = ("sam", "volume_io")  # modules copied into <bundle>/scripts/
+BUNDLE_MODEL_SCRIPTS = ("sam", "segmenter", "tiny_vit", "named_checkpoints")  # medseg_peft.models modules copied into <bundle>/scripts/
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 LOGGING_CONF = Path(__file__).resolve().parent / "bundles" / "logging.conf"  # package data: a wheel has it too
 TRACE_POLICY = (
@@ -60,9 +60,9 @@ def merged_network(network: nn.Module, result_file: str | Path | None) -> nn.Mod
 
 
 def network_config(network: nn.Module, sam_variant: str) -> dict:
-    """The exported ``network_def``: the plain wrapper of the copied ``scripts/sam.py``, random weights until model.pt loads."""
+    """The exported ``network_def``: the plain wrapper of the copied ``scripts/segmenter.py``, random weights until model.pt loads."""
     return {
-        "_target_": "scripts.sam.sam_segmenter",
+        "_target_": "scripts.segmenter.sam_segmenter",
         "variant": sam_variant,
         "checkpoint": None,
         "image_size": int(network.image_size),
@@ -231,8 +231,10 @@ def export_bundle(
     (out / "configs" / "inference.json").write_text(json.dumps(configs["inference"], indent=4))
     shutil.copy(LOGGING_CONF, out / "configs" / "logging.conf")
     (out / "scripts" / "__init__.py").write_text('"""Copies of medseg-peft modules the bundle configs need (SAM wrapper, volume IO)."""\n')
-    for module, name in ((sam_module, "sam"), (volume_io, "volume_io")):
-        shutil.copy(module.__file__, out / "scripts" / f"{name}.py")
+    models_dir = Path(sam_module.__file__).parent
+    for name in BUNDLE_MODEL_SCRIPTS:
+        shutil.copy(models_dir / f"{name}.py", out / "scripts" / f"{name}.py")
+    shutil.copy(volume_io.__file__, out / "scripts" / "volume_io.py")
     _trace(merged, size, out / "models" / "model.ts", meta, configs)
     exported = torch_export and _torch_export(merged, size, out / "models" / "model.pt2")
     (out / "LICENSE").write_text("The exported weights inherit the licence of the base SAM checkpoint and of the training data.\n")

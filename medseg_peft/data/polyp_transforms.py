@@ -10,6 +10,12 @@ Decisions that are easy to get wrong with 2D photographs in a toolkit built for 
   divides by its std itself, and normalising here as well would do it twice.
 * **Masks.** Kvasir masks are JPEGs, noisy near edges; they are binarised at > 127 (or > 0.5 for masks
   stored as 0/1), *before* resizing, and resized with nearest-neighbour so labels stay in {0, 1}.
+* **Aspect ratio.** ``resize="square"`` stretches to ``S x S`` (SAM ViT variants here);
+  ``resize="longest_side"`` scales the longest side to ``S`` and pads bottom-right, as MedSAM /
+  LiteMedSAM / MobileSAM were trained. The image is padded with its own minimum, so the model's
+  per-image min-max scaling maps the padding to 0, exactly as MedSAM pads after scaling.
+* **Box prompts** (``prompt="box"``) are computed from the mask after every spatial step, so they fit
+  the image the network sees: jittered as MedSAM in training, exact in validation (``box_prompts``).
 * **Augmentation** happens after resizing to the square ``S x S`` (cheaper, and 90-degree rotations of
   a square keep its shape); intensity jitter touches the image only and is clipped back to 0-255.
 """
@@ -33,6 +39,8 @@ from monai.transforms import (
     RandShiftIntensityd,
     Resized,
 )
+
+from medseg_peft.data.box_prompts import BoxesFromMaskd, medsam_jitter
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
 _MASK_MODES_TO_GREY = {"1", "P", "PA", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa"}
@@ -82,25 +90,58 @@ def clip_0_255(x):
     return x.clamp(0.0, 255.0) if isinstance(x, torch.Tensor) else np.clip(x, 0.0, 255.0)
 
 
-def polyp_transforms(image_size: int, train: bool) -> Compose:
-    """Load, binarise, resize to ``image_size`` square and (for ``train``) augment one polyp datalist item.
+class PadBottomRightd(MapTransform):
+    """Pad ``image`` and ``label`` to ``size x size`` at the bottom and right: the image with its own minimum, the label with 0."""
+
+    def __init__(self, size: int, keys=(IMAGE_KEY, LABEL_KEY)):
+        super().__init__(list(keys))
+        self.size = int(size)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            pad = (0, self.size - x.shape[-1], 0, self.size - x.shape[-2])
+            fill = float(x.min()) if key == IMAGE_KEY else 0.0
+            d[key] = torch.nn.functional.pad(torch.as_tensor(x), pad, value=fill)
+        return d
+
+
+RESIZES = ("square", "longest_side")
+PROMPTS = ("none", "box")
+
+
+def polyp_transforms(image_size: int, train: bool, resize: str = "square", prompt: str = "none", augment: bool = True) -> Compose:
+    """Load, binarise, resize to ``image_size`` and (for ``train`` with ``augment``) augment one polyp datalist item.
 
     Output: ``image`` float32 ``[3, S, S]`` in 0-255 (not normalised), ``label`` float32 ``[1, S, S]`` in
-    {0, 1}; every other key (``name``, ``set``) passes through unchanged.
+    {0, 1}, with ``prompt="box"`` also ``box`` ``[16, 4]`` (see ``box_prompts``); every other key
+    (``name``, ``set``) passes through unchanged.
     """
     if int(image_size) <= 0:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}")
-    size = (int(image_size), int(image_size))
+    if resize not in RESIZES or prompt not in PROMPTS:
+        raise ValueError(f"resize must be one of {RESIZES} and prompt one of {PROMPTS}, got resize={resize!r}, prompt={prompt!r}")
+    s = int(image_size)
     keys = [IMAGE_KEY, LABEL_KEY]
     steps = [
         LoadImaged(IMAGE_KEY, reader=RowMajorPILReader(converter=image_to_rgb), image_only=True, dtype=np.float32),
         LoadImaged(LABEL_KEY, reader=RowMajorPILReader(converter=mask_to_grey), image_only=True, dtype=np.float32),
         EnsureChannelFirstd(keys),
         BinariseMaskd(LABEL_KEY),
-        Resized(IMAGE_KEY, spatial_size=size, mode="bilinear", align_corners=False, anti_aliasing=True),
-        Resized(LABEL_KEY, spatial_size=size, mode="nearest-exact"),
     ]
-    if train:
+    if resize == "square":
+        steps += [
+            Resized(IMAGE_KEY, spatial_size=(s, s), mode="bilinear", align_corners=False, anti_aliasing=True),
+            Resized(LABEL_KEY, spatial_size=(s, s), mode="nearest-exact"),
+        ]
+    else:
+        steps += [
+            Resized(IMAGE_KEY, spatial_size=s, size_mode="longest", mode="bilinear", align_corners=False, anti_aliasing=True),
+            Resized(LABEL_KEY, spatial_size=s, size_mode="longest", mode="nearest-exact"),
+            PadBottomRightd(s),
+        ]
+    if train and augment:
         steps += [
             RandFlipd(keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
@@ -110,5 +151,7 @@ def polyp_transforms(image_size: int, train: bool) -> Compose:
             RandAdjustContrastd(IMAGE_KEY, gamma=(0.8, 1.25), prob=0.3),
             Lambdad(IMAGE_KEY, clip_0_255),
         ]
+    if prompt == "box":
+        steps.append(BoxesFromMaskd(LABEL_KEY, jitter=medsam_jitter(s) if train else 0))
     steps.append(EnsureTyped(keys, data_type="tensor", dtype=torch.float32))
     return Compose(steps)

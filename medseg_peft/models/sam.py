@@ -1,4 +1,4 @@
-"""SAM models from segment-anything's own classes: the official variants, the demo and a test size.
+"""SAM models: segment-anything's classes with a ViT or TinyViT image encoder, the official variants, the demo and test sizes.
 
 The three official variants mirror ``segment_anything.build_sam`` exactly (same classes and
 arguments), but take the input size as a parameter: SAM's 1024 px is often more than a medical task
@@ -18,15 +18,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+
+# relative imports: an exported bundle carries these modules as its own scripts/ package
+from .named_checkpoints import resolve_checkpoint
+from .tiny_vit import TinyViT, TinyViTConfig
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
+    """One SAM variant: its image encoder, its decoder widths, and how its checkpoint was trained to see images.
+
+    ``encoder`` is ``None`` for SAM's own ViT (``embed_dim`` ... ``window_size``) or a ``TinyViTConfig``.
+    ``intensity``: ``"sam"`` takes 0-255 RGB and subtracts SAM's pixel mean / divides by its std;
+    ``"minmax"`` scales each image to [0, 1] by its own minimum and maximum, as MedSAM and LiteMedSAM
+    were trained. ``resize``: ``"square"`` resizes to the input size on both axes; ``"longest_side"``
+    resizes the longest side to the input size, keeps the aspect ratio and pads bottom-right (SAM's
+    and MedSAM's own protocol), so the output is cropped to the image before it is resized back.
+    """
+
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    global_attn_indexes: tuple[int, ...] = ()
     image_size: int = 1024
     patch_size: int = 16
     window_size: int = 14
@@ -37,6 +50,9 @@ class SamConfig:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     mask_in_chans: int = 16
+    encoder: TinyViTConfig | None = None
+    intensity: str = "sam"
+    resize: str = "square"
 
 
 SAM_VARIANTS: dict[str, SamConfig] = {
@@ -47,7 +63,16 @@ SAM_VARIANTS: dict[str, SamConfig] = {
     # the embedded demo model: SAM's classes at CPU widths (about 1 M parameters)
     "demo": SamConfig(96, 4, 3, (1, 3), image_size=128, patch_size=8, window_size=8, out_chans=64, decoder_depth=2,
                       decoder_mlp_dim=256, decoder_heads=4, iou_head_depth=2, iou_head_hidden_dim=64, mask_in_chans=8),
+    # LiteMedSAM (bowang-lab/MedSAM, LiteMedSAM branch): TinyViT distilled from MedSAM, 256 px, MedSAM's preprocessing
+    "lite_medsam": SamConfig(image_size=256, patch_size=4, encoder=TinyViTConfig(), intensity="minmax", resize="longest_side"),
+    # MobileSAM (ChaoningZhang/MobileSAM, mobile_sam.pt): the same TinyViT at 1024 px, distilled from SAM ViT-H
+    "vit_t": SamConfig(patch_size=16, encoder=TinyViTConfig(patch_embed="strided", head_classes=1000), resize="longest_side"),
     # for tests
+    "tiny_lite": SamConfig(
+        image_size=64, patch_size=4, out_chans=32, decoder_depth=1, decoder_mlp_dim=64, decoder_heads=2, iou_head_depth=2,
+        iou_head_hidden_dim=32, mask_in_chans=4, intensity="minmax", resize="longest_side",
+        encoder=TinyViTConfig(embed_dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), window_sizes=(4, 4, 8, 4), out_chans=32),
+    ),
     "tiny": SamConfig(32, 2, 2, (1,), image_size=64, window_size=2, out_chans=32, decoder_depth=1, decoder_mlp_dim=64,
                       decoder_heads=2, iou_head_depth=2, iou_head_hidden_dim=32, mask_in_chans=4),
 }
@@ -62,14 +87,19 @@ def variant_config(variant: str) -> SamConfig:
 def _build(cfg: SamConfig, image_size: int) -> nn.Module:
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    grid = image_size // cfg.patch_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
+    if cfg.encoder is not None:
+        encoder = TinyViT(cfg.encoder, image_size)
+        grid = encoder.embedding_size
+    else:
+        grid = image_size // cfg.patch_size
+        encoder = ImageEncoderViT(
             depth=cfg.depth, embed_dim=cfg.embed_dim, img_size=image_size, mlp_ratio=4,
             norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=cfg.num_heads, patch_size=cfg.patch_size,
             qkv_bias=True, use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
             window_size=cfg.window_size, out_chans=cfg.out_chans,
-        ),
+        )
+    return Sam(
+        image_encoder=encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=cfg.out_chans, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size),
             mask_in_chans=cfg.mask_in_chans,
@@ -86,8 +116,9 @@ def _build(cfg: SamConfig, image_size: int) -> nn.Module:
 
 
 def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A SAM state_dict from ``.pth`` / ``.pt`` (raw, or nested under "model" / "state_dict") or ``.safetensors``."""
-    path = Path(path).expanduser()
+    """A SAM state_dict from ``.pth`` / ``.pt`` (raw, or nested under "model" / "state_dict"), ``.safetensors``
+    or a checkpoint name (``"lite_medsam"``, see ``named_checkpoints``)."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint {path} does not exist")
     try:
@@ -109,13 +140,31 @@ def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _tiny_vit_signature(state: dict[str, torch.Tensor]) -> tuple | None:
+    """(first width, patch-embedding kernel, blocks per stage) of a TinyViT state_dict, else None."""
+    embed = state.get("image_encoder.patch_embed.seq.2.c.weight")
+    if embed is None:
+        return None
+    blocks: dict[int, set[int]] = {}
+    for k in state:
+        if m := re.match(r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.", k):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return embed.shape[0], embed.shape[-1], tuple(len(blocks[i]) for i in sorted(blocks)), "image_encoder.head.weight" in state
+
+
 def detect_variant(state: dict[str, torch.Tensor]) -> str | None:
-    """The variant whose encoder width and depth match a state_dict, if any."""
+    """The variant whose encoder (ViT width and depth, or TinyViT widths, patch embedding and depths) matches a state_dict."""
+    if (tiny := _tiny_vit_signature(state)) is not None:
+        for name, cfg in SAM_VARIANTS.items():
+            enc = cfg.encoder
+            if enc is not None and tiny == (enc.embed_dims[0], 3 if enc.patch_embed == "strided" else 1, enc.depths, enc.head_classes > 0):
+                return name
+        return None
     width = state["image_encoder.patch_embed.proj.weight"].shape[0] if "image_encoder.patch_embed.proj.weight" in state else None
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
     depth = max(blocks) + 1 if blocks else 0
     for name, cfg in SAM_VARIANTS.items():
-        if (cfg.embed_dim, cfg.depth) == (width, depth):
+        if cfg.encoder is None and (cfg.embed_dim, cfg.depth) == (width, depth):
             return name
     return None
 
@@ -187,84 +236,3 @@ def resize_mask_outputs(decoder: nn.Module, n: int) -> None:
     decoder.iou_prediction_head.layers[-1] = iou_new.to(iou_last.weight.device)
     decoder.num_multimask_outputs = n
     decoder.num_mask_tokens = n + 1
-
-
-class SamSegmenter(nn.Module):
-    """Semantic segmentation with SAM: an image batch in, ``num_outputs`` mask logits out at its resolution.
-
-    Prompt-free by default: no points or boxes, so the decoder works from its learned no-prompt
-    embedding, as in GPS's polyp experiments and SAMed's organ segmentation. One output uses SAM's
-    single-mask token; ``num_outputs > 1`` resizes the decoder to that many multimask tokens, one per
-    channel (classes, with or without a background channel: the caller's choice of softmax or sigmoid).
-
-    Inputs are RGB 0-255 by default (SAM's own convention). ``in_channels=1, input_scale=255`` takes
-    grey slices in [0, 1] (a CT window or MR percentile scaling) and repeats them to three channels
-    here, so the data pipeline, the inferer and an exported model all see the volume's own channel and
-    in-plane size; the resize to SAM's input size and back also happens here.
-
-    Without prompts the whole batch is decoded at once: SAM's decoder broadcasts prompt embeddings of
-    batch 1 over B images. Box prompts (``[B, 4]`` xyxy in input pixels) are decoded image by image,
-    because the decoder would otherwise pair every image with every box.
-    """
-
-    def __init__(self, sam: nn.Module, num_outputs: int = 1, in_channels: int = 3, input_scale: float = 1.0):
-        super().__init__()
-        if in_channels not in (1, 3):
-            raise ValueError(f"SamSegmenter takes 1 (grey) or 3 (RGB) input channels, got {in_channels}")
-        if num_outputs > 1:
-            resize_mask_outputs(sam.mask_decoder, num_outputs)
-        self.sam = sam
-        self.num_outputs = int(num_outputs)
-        self.in_channels = in_channels
-        self.input_scale = float(input_scale)
-
-    @property
-    def image_size(self) -> int:
-        return self.sam.image_encoder.img_size
-
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"SamSegmenter expects images [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        s = self.image_size
-        if self.input_scale != 1.0:
-            x = x * self.input_scale
-        if self.in_channels == 1:
-            x = x.expand(-1, 3, -1, -1)
-        # always resized, even at (s, s) where it is an exact copy: no size branch, so tracing and
-        # torch.export keep the resize and the exported graph takes any slice size
-        x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
-        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
-        embeddings = self.sam.image_encoder(x)
-        if boxes is not None:
-            boxes = boxes.to(x.dtype) * torch.tensor([s / w, s / h, s / w, s / h], device=x.device, dtype=x.dtype)
-        # tuned decoder weights are parametrized; compute them once per batch, not once per image
-        with parametrize.cached():
-            if boxes is None:
-                masks = self._decode(embeddings, None)
-            else:
-                masks = torch.cat([self._decode(embeddings[i : i + 1], boxes[i : i + 1]) for i in range(embeddings.shape[0])])
-        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
-
-    def _decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-        low_res, _ = self.sam.mask_decoder(
-            image_embeddings=embeddings, image_pe=self.sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=self.num_outputs > 1,
-        )
-        return low_res
-
-
-def sam_segmenter(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None, **wrapper) -> SamSegmenter:
-    """``build_sam`` wrapped in a ``SamSegmenter``; ``wrapper`` keys go to the segmenter (``num_outputs``, ``in_channels``, ...)."""
-    return SamSegmenter(build_sam(variant, checkpoint, image_size), **wrapper)
-
-
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_sam.safetensors"
-
-
-def demo_segmenter(image_size: int | None = None, **wrapper) -> SamSegmenter:
-    """The embedded demo model: SAM's architecture at demo widths, pretrained on synthetic shapes."""
-    if not DEMO_WEIGHTS.is_file():
-        raise FileNotFoundError(f"the demo weights {DEMO_WEIGHTS} are missing; reinstall medseg-peft or run scripts/pretrain_demo_sam.py")
-    return sam_segmenter("demo", DEMO_WEIGHTS, image_size, **wrapper)

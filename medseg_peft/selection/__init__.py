@@ -2,6 +2,7 @@
 
 from medseg_peft.selection.base import ScoredSelector, Selector
 from medseg_peft.selection.eligibility import PRESETS, always_trained, assign_roles, is_sam
+from medseg_peft.selection.decoder import Decoder
 from medseg_peft.selection.fps import FPS
 from medseg_peft.selection.full import Full
 from medseg_peft.selection.gps import GPS
@@ -13,5 +14,5 @@ from medseg_peft.selection.rules import global_top, topk_per_row
 from medseg_peft.selection.selection import Entries, Selection
 from medseg_peft.selection.supcon import supcon_loss
 
-__all__ = ["Entries", "FPS", "Full", "GPS", "LoRA", "METHODS", "PRESETS", "Partial", "SPT", "ScoredSelector", "Selection", "Selector",
+__all__ = ["Decoder", "Entries", "FPS", "Full", "GPS", "LoRA", "METHODS", "PRESETS", "Partial", "SPT", "ScoredSelector", "Selection", "Selector",
            "always_trained", "assign_roles", "global_top", "is_sam", "selector", "settings_of", "supcon_loss", "topk_per_row"]

@@ -85,7 +85,8 @@ def predictions(network: nn.Module, batches, device: torch.device, max_images: i
     count = 0
     for batch in batches:
         image, label = batch["image"], batch["label"]
-        logits = network(image.to(device)).float().cpu()
+        boxes = {"boxes": batch["box"].to(device)} if "box" in batch else {}  # box prompts, when the run uses them
+        logits = network(image.to(device), **boxes).float().cpu()
         channels = logits.shape[1]
         num_classes = 1 if channels == 1 else (channels - 1 if activation == "softmax" else channels)
         for i in range(image.shape[0]):

@@ -44,8 +44,10 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
     return {"train": train, "val": val, "source": source}
 
 
-def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None, **wrapper) -> nn.Module:
-    """A prompt-free SAM segmenter: the user's checkpoint, or the embedded demo model when none is given.
+def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None,
+                  embedding_cache: bool = False, **wrapper) -> nn.Module:
+    """A SAM segmenter: the user's checkpoint (a path or a name such as ``lite_medsam``), or the embedded demo
+    model when none is given. ``embedding_cache`` reuses each image's embedding while the encoder is frozen.
 
     ``wrapper`` keys go to ``SamSegmenter`` (outputs, grey input), for the organ bundles.
     """
@@ -53,12 +55,12 @@ def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b",
 
     if given(sam_checkpoint):
         net = sam_segmenter(sam_variant, sam_checkpoint, image_size if given(image_size) else None, **wrapper)
-        log.info("SAM %s from %s at %d px", sam_variant, sam_checkpoint, net.image_size)
-        return net
+        log.info("SAM %s from %s at %d px (%s intensity, %s resize)", sam_variant, sam_checkpoint, net.image_size, net.intensity, net.resize)
+        return net.cache_embeddings(bool(embedding_cache))
     net = demo_segmenter(image_size if given(image_size) else None, **wrapper)
     log.warning(
         "no sam_checkpoint given: using the embedded demo model (a small SAM-architecture network pretrained on "
         "synthetic shapes, not Meta's SAM) at %d px; pass --sam_checkpoint sam_vit_b_01ec64.pth for the real one",
         net.image_size,
     )
-    return net
+    return net.cache_embeddings(bool(embedding_cache))
