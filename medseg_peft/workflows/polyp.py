@@ -44,6 +44,17 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
     return {"train": train, "val": val, "source": source}
 
 
+DEMO_LR, PRETRAINED_LR = 5e-3, 1e-4
+
+
+def polyp_lr(lr: float | None = None, sam_checkpoint: str | None = None) -> float:
+    """The learning rate: the user's, else 1e-4 for a real checkpoint (MedSAM's and LiteMedSAM's rate: larger ones
+    pull a pre-trained decoder away from what it knows within an epoch) and 5e-3 for the small demo model."""
+    if given(lr):
+        return float(lr)
+    return PRETRAINED_LR if given(sam_checkpoint) else DEMO_LR
+
+
 def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None,
                   embedding_cache: bool = False, **wrapper) -> nn.Module:
     """A SAM segmenter: the user's checkpoint (a path or a name such as ``lite_medsam``), or the embedded demo

@@ -75,6 +75,7 @@ class RunReport:
             "seconds": previous.get("seconds", 0.0),
             "train_loss": previous.get("train_loss", []),
             "wall_time_s": previous.get("wall_time_s", 0.0),
+            "elapsed_s": previous.get("elapsed_s", {}),
         }
         if "peak_memory_mib" in previous:
             self.data.update({k: previous[k] for k in ("peak_memory_mib", "peak_memory_kind") if k in previous})
@@ -87,7 +88,7 @@ class RunReport:
         """Forget the history of an earlier run in this folder: training starts from the first epoch again."""
         if self.data["history"]:
             log.info("no checkpoint to resume from: starting a fresh history in %s", self.path)
-        self.data.update(zero_shot=None, history=[], best=None, best_each={}, seconds=0.0, train_loss=[], wall_time_s=0.0)
+        self.data.update(zero_shot=None, history=[], best=None, best_each={}, seconds=0.0, train_loss=[], wall_time_s=0.0, elapsed_s={})
         self.data.pop("peak_memory_mib", None)
         self.data.pop("peak_memory_kind", None)
         self._seconds_before = self._wall_before = 0.0
@@ -180,6 +181,8 @@ class RunReport:
         metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float)) or torch.is_tensor(v)}
         epoch = int(self.trainer.state.epoch or 0)
         entry = {"epoch": epoch, **metrics}
+        # seconds since the run began (selection included) at each validation, so runs compare at equal wall time
+        self.data["elapsed_s"][str(epoch)] = round(self._seconds_before + time.perf_counter() - self.started, 2)
         loss = self.epoch_loss(epoch)
         if loss is not None:
             entry["train_loss"] = loss
