@@ -43,7 +43,7 @@ from pathlib import Path
 PACKAGE_BUNDLES = Path(__file__).resolve().parent / "bundles"
 TASK_METADATA = {"organ_fps.json": "organ_metadata.json", "classify.json": "classify_metadata.json"}
 DEFAULT_METHODS = "fps,gps,spt,partial,lora,full"
-METHOD_ORDER = ("fps", "gps", "spt", "partial", "lora", "full", "random")
+METHOD_ORDER = ("fps", "gps", "spt", "partial", "lora", "full", "random", "decoder")
 HOW_NOT_WHAT = {"device", "processes"}  # settings that change how a run computes, not what it computes
 SHOWN = ("mDice", "mIoU", "top1")  # the metrics a row shows, those a run has, in this order; the first is the key
 METRICS_FILE = "metrics.json"

@@ -108,3 +108,22 @@ def test_the_embedding_cache_returns_what_the_encoder_computes():
     net.sam.image_encoder.layers[1].blocks[0].attn.qkv.weight.requires_grad_(True)  # a trainable encoder bypasses it
     net(x[:1])
     assert calls
+
+
+def test_selection_sees_the_box_prompts():
+    """A selector given MONAI batches with "box" runs the model with those boxes, as training will."""
+    from torch.nn import functional as F
+
+    from medseg_peft.data.batches import ModelInputs, call_model, split_batch
+
+    net = sam_segmenter("tiny_lite")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(2, 3, 64, 64, generator=g) * 255, (torch.rand(2, 1, 64, 64, generator=g) > 0.7).float()
+    boxes = torch.tensor([[[2.0, 2, 40, 40]], [[20.0, 10, 60, 50]]])
+    inputs, _ = split_batch({"image": x, "label": y, "box": boxes})
+    assert isinstance(inputs, ModelInputs) and torch.equal(call_model(net, inputs), net(x, boxes=boxes))
+    bce = F.binary_cross_entropy_with_logits
+    boxed = mp.GPS(k=1, loss=bce).select(net, [{"image": x, "label": y, "box": boxes}])
+    free = mp.GPS(k=1, loss=bce).select(net, [{"image": x, "label": y}])
+    name = "sam.image_encoder.layers.1.blocks.0.attn.qkv.weight"
+    assert not torch.equal(boxed.masks()[name], free.masks()[name])

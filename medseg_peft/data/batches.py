@@ -1,7 +1,9 @@
 """One batch convention for selectors: ``(inputs, targets)`` whatever the loader yields.
 
 Selectors accept plain PyTorch loaders of ``(inputs, targets)`` pairs and MONAI loaders of dicts
-with ``"image"`` / ``"label"``, so the same selector runs inside a bundle and in a notebook.
+with ``"image"`` / ``"label"``, so the same selector runs inside a bundle and in a notebook. A dict
+batch that also carries box prompts (``"box"``) gives ``ModelInputs(image, boxes=...)``, and
+selectors run the model with ``call_model``, so a selection sees the prompts training will use.
 """
 
 from __future__ import annotations
@@ -12,12 +14,32 @@ from typing import Any, Iterable, Iterator
 import torch
 
 
+PROMPT_KEYS = {"box": "boxes"}  # batch key -> the model's keyword
+
+
+class ModelInputs(tuple):
+    """The image and the prompts a model takes beside it: ``(image, {keyword: tensor})``."""
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self[0]
+
+
+def call_model(model, inputs: Any):
+    """``model(inputs)``, or ``model(image, boxes=...)`` for inputs that carry prompts."""
+    if isinstance(inputs, ModelInputs):
+        return model(inputs[0], **inputs[1])
+    return model(inputs)
+
+
 def split_batch(batch: Any, image_key: str = "image", label_key: str = "label") -> tuple[Any, Any]:
     """``(inputs, targets)`` of one batch; ``targets`` is ``None`` when the batch has none."""
     if isinstance(batch, dict):
         if image_key not in batch:
             raise KeyError(f"batch dict has no {image_key!r} key (keys: {sorted(batch)}); pass image_key=")
-        return batch[image_key], batch.get(label_key)
+        prompts = {kw: batch[key] for key, kw in PROMPT_KEYS.items() if key in batch}
+        inputs = ModelInputs((batch[image_key], prompts)) if prompts else batch[image_key]
+        return inputs, batch.get(label_key)
     if isinstance(batch, (tuple, list)):
         if len(batch) == 2:
             return batch[0], batch[1]

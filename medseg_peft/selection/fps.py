@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import iter_batches
+from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.selection.base import TopKSelector, model_device, settings_dataclass
 from medseg_peft.selection.selection import row_view_shape
 
@@ -87,7 +87,7 @@ class FPS(TopKSelector):
         try:
             with torch.no_grad():
                 for x, _ in iter_batches(batches, model_device(model), self.max_batches):
-                    model(x)
+                    call_model(model, x)
         finally:
             for h in handles:
                 h.remove()

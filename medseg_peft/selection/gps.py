@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import iter_batches
+from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.selection.base import NOT_SAVED, TopKSelector, gradients_for, model_device, settings_dataclass
 from medseg_peft.selection.supcon import supcon_loss
 
@@ -111,7 +111,7 @@ class GPS(TopKSelector):
             feats = self.feature_fn(model, torch.cat(views))
             feats = feats.reshape(len(views), -1, feats.shape[-1]).transpose(0, 1)
             return supcon_loss(feats, y, self.temperature, self.temperature)
-        out = model(x)
+        out = call_model(model, x)
         if y is None:
             raise ValueError(f"GPS(loss={self.loss!r}) needs targets, but the selection batches carry none")
         return F.cross_entropy(out, y) if self.loss == "ce" else self.loss(out, y)

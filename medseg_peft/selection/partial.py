@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import iter_batches
+from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.distributed import average_gradients
 from medseg_peft.selection.eligibility import always_trained
 from medseg_peft.selection.base import Selector, check_max_batches, model_device, seeded, settings_dataclass
@@ -276,7 +276,7 @@ class Partial(Selector):
         probe.train()
         for step in range(self.probe_steps):
             x, y = data[step % len(data)]
-            out = probe(x)
+            out = call_model(probe, x)
             loss = F.cross_entropy(out, y) if self.loss == "ce" else self.loss(out, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Partial angle probe: the loss is {loss.item()} at step {step}; check the inputs, loss and probe_lr")

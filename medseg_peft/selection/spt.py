@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import iter_batches
+from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device, seeded, settings_dataclass
 from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN, is_sam
 from medseg_peft.selection.rules import check_positive_int, check_rate
@@ -177,7 +177,7 @@ class SPT(ScoredSelector):
         with gradients_for(model, selectable, self.train_mode) as params:
             sens = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in selectable}
             for x, y in iter_batches(batches, model_device(model), self.max_batches):
-                out = model(x)
+                out = call_model(model, x)
                 if y is None:
                     raise ValueError("SPT needs targets in the selection batches (its sensitivity is a task-loss gradient)")
                 loss = F.cross_entropy(out, y) if self.loss == "ce" else self.loss(out, y)
