@@ -5,10 +5,15 @@ architecture at zero extra cost: ``models/model.pt`` is an ordinary ``state_dict
 into the network ``configs/inference.json`` builds, with no delta or PEFT keys.
 
 The folder must run where medseg-peft is not installed (a MONAI Label server, Slicer's Python), so
-the two modules its configs need, the SAM wrapper and the volume reader / label writer, are copied
-into the bundle's ``scripts/`` package (a bundle's root is on ``sys.path`` when it runs), and the
-inference pre-processing is the very config list training used (``volume_preprocessing_config``),
-pointed at those copies. Only MONAI, segment-anything, SimpleITK and nibabel are needed there.
+the modules its configs need, the SAM wrapper, the volume reader / label writer and the box prompts
+(box files, the slice inferer that passes them), are copied into the bundle's ``scripts/`` package (a
+bundle's root is on ``sys.path`` when it runs), and the inference pre-processing is the very config
+list training used (``volume_preprocessing_config``), pointed at those copies. Only MONAI,
+segment-anything, SimpleITK and nibabel are needed there.
+
+``configs/inference.json`` has a ``prompt`` key, ``"none"`` unless the run trained with boxes: with
+``"box"`` each volume's boxes are read from ``<stem>.boxes.json`` beside it (or in ``box_dir``) and
+checked before any inference work (``volume_boxes``); prompt-free inference stays available either way.
 
 ``models/model.ts`` is a *traced* TorchScript (SAM's encoder cannot be scripted), and
 ``models/model.pt2`` a ``torch.export`` program where the installed torch can make one; both come
@@ -31,6 +36,7 @@ from torch import nn
 log = logging.getLogger("medseg_peft")
 
 BUNDLE_MODEL_SCRIPTS = ("sam", "segmenter", "tiny_vit", "named_checkpoints")  # medseg_peft.models modules copied into <bundle>/scripts/
+BUNDLE_DATA_SCRIPTS = ("volume_io", "volume_boxes")  # medseg_peft.data modules copied into <bundle>/scripts/
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 LOGGING_CONF = Path(__file__).resolve().parent / "bundles" / "logging.conf"  # package data: a wheel has it too
 TRACE_POLICY = (
@@ -72,40 +78,56 @@ def network_config(network: nn.Module, sam_variant: str) -> dict:
     }
 
 
-def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, channel, activation: str) -> dict:
-    """The exported ``configs/inference.json``: load, orient, window, slice by slice, invert, write label volumes."""
-    from medseg_peft.data.volume_transforms import label_postprocessing_config, volume_preprocessing_config
+def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, channel, activation: str, prompt: str = "none") -> dict:
+    """The exported ``configs/inference.json``: load, orient, window, slice by slice (with boxes or not), invert, write label volumes.
 
-    steps = volume_preprocessing_config(["image"], intensity, spacing, channel, reader="scripts.volume_io.SimpleITKReader")
+    ``prompt`` is the default of its ``prompt`` key; the box step of the pre-processing and the inferer are
+    there either way (they do nothing without boxes), so ``--prompt box`` / ``--prompt none`` switch at run time.
+    """
+    from medseg_peft.data.volume_transforms import label_postprocessing_config, volume_preprocessing_config
+    from medseg_peft.workflows.prompts import check_prompt
+
+    steps = volume_preprocessing_config(["image"], intensity, spacing, channel, reader="scripts.volume_io.SimpleITKReader",
+                                        box_transform="scripts.volume_boxes.VolumeBoxesd")
     post = label_postprocessing_config(activation, writer="scripts.volume_io.SaveLabelVolumed")
+    if check_prompt(prompt) == "box" and activation != "sigmoid":
+        raise ValueError(f"prompt 'box' needs activation 'sigmoid' (one output channel per class), but activation is {activation!r}")
+    classes = int(network.num_outputs) - (1 if activation == "softmax" else 0)
     return {
-        "imports": ["$import torch", "$import scripts", "$import scripts.volume_io"],
+        "imports": ["$import torch", "$import scripts", "$import scripts.volume_io", "$import scripts.volume_boxes",
+                    "$from monai.engines import PrepareBatchExtraInput", "$from monai.engines import default_prepare_batch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "dataset_dir": None,
         "output_dir": "$@bundle_root + '/eval'",
         "output_postfix": "seg",
         "sw_batch_size": 16,
-        "datalist": "$[{'image': p} for p in scripts.volume_io.list_volumes(@dataset_dir)]",
+        "prompt": prompt,
+        "box_dir": None,
+        "datalist": (f"$scripts.volume_boxes.box_datalist(scripts.volume_io.list_volumes(@dataset_dir), prompt=@prompt, box_dir=@box_dir, "
+                     f"num_classes={classes}, activation={activation!r})"),
         "network_def": network_config(network, sam_variant),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": steps},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
-        "inferer": {"_target_": "SliceInferer", "roi_size": [-1, -1], "spatial_dim": 2, "sw_batch_size": "@sw_batch_size"},
+        "inferer": {"_target_": "scripts.volume_boxes.BoxSliceInferer", "roi_size": [-1, -1], "spatial_dim": 2,
+                    "sw_batch_size": "@sw_batch_size"},
+        "prepare_batch": "$PrepareBatchExtraInput({'boxes': 'box'}) if @prompt == 'box' else default_prepare_batch",
         "postprocessing": {"_target_": "Compose", "transforms": post},
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'", "load_dict": {"model": "@network"},
              "strict": True, "map_location": "@device"},
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader", "network": "@network",
-                      "inferer": "@inferer", "postprocessing": "@postprocessing", "val_handlers": "@handlers"},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader", "prepare_batch": "@prepare_batch",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing", "val_handlers": "@handlers"},
         "run": ["$@evaluator.run()"],
     }
 
 
-def metadata(network: nn.Module, class_names: Mapping[int, str], intensity, modality: str, activation: str, trace_size: int) -> dict:
+def metadata(network: nn.Module, class_names: Mapping[int, str], intensity, modality: str, activation: str, trace_size: int,
+             prompt: str = "none") -> dict:
     from medseg_peft.data.volume_transforms import resolve_intensity
 
     channels = {"0": "background", **{str(int(k)): str(v) for k, v in class_names.items()}}
@@ -125,7 +147,8 @@ def metadata(network: nn.Module, class_names: Mapping[int, str], intensity, moda
         "name": "SAM organ segmentation (medseg-peft export)",
         "task": "Segmentation of " + ", ".join(channels[c] for c in channels if c != "0") + " in 3D volumes, slice by slice",
         "description": (
-            "A prompt-free SAM adapted by medseg-peft, merged into plain weights. inference.json orients each volume to RAS, "
+            ("A prompt-free SAM" if prompt == "none" else "A SAM prompted by boxes (MedSAM's protocol: a box file per volume)")
+            + " adapted by medseg-peft, merged into plain weights. inference.json orients each volume to RAS, "
             f"applies the training intensity preset {resolve_intensity(intensity)}, runs the 2D network over axial slices "
             "(SliceInferer, spatial_dim=2), inverts the orientation and writes a uint8 label volume with the input's geometry."
         ),
@@ -191,6 +214,7 @@ def export_bundle(
     spacing: Sequence[float] | None = None,
     channel: int | None = None,
     activation: str = "softmax",
+    prompt: str = "none",
     sam_variant: str | None = None,
     modality: str | None = None,
     trace_size: int | None = None,
@@ -225,8 +249,8 @@ def export_bundle(
     torch.save(state, out / "models" / "model.pt")
 
     size = int(trace_size or merged.image_size)
-    configs = {"inference": inference_config(merged, sam_variant, intensity, spacing, channel, activation)}
-    meta = metadata(merged, class_names, intensity, modality, activation, size)
+    configs = {"inference": inference_config(merged, sam_variant, intensity, spacing, channel, activation, prompt)}
+    meta = metadata(merged, class_names, intensity, modality, activation, size, prompt)
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
     (out / "configs" / "inference.json").write_text(json.dumps(configs["inference"], indent=4))
     shutil.copy(LOGGING_CONF, out / "configs" / "logging.conf")
@@ -234,16 +258,18 @@ def export_bundle(
     models_dir = Path(sam_module.__file__).parent
     for name in BUNDLE_MODEL_SCRIPTS:
         shutil.copy(models_dir / f"{name}.py", out / "scripts" / f"{name}.py")
-    shutil.copy(volume_io.__file__, out / "scripts" / "volume_io.py")
+    data_dir = Path(volume_io.__file__).parent
+    for name in BUNDLE_DATA_SCRIPTS:
+        shutil.copy(data_dir / f"{name}.py", out / "scripts" / f"{name}.py")
     _trace(merged, size, out / "models" / "model.ts", meta, configs)
     exported = torch_export and _torch_export(merged, size, out / "models" / "model.pt2")
     (out / "LICENSE").write_text("The exported weights inherit the licence of the base SAM checkpoint and of the training data.\n")
-    (out / "docs" / "README.md").write_text(_readme(meta, exported))
+    (out / "docs" / "README.md").write_text(_readme(meta, exported, prompt))
     log.info("exported %s (%d tensors, classes %s)", out, len(state), meta["network_data_format"]["outputs"]["pred"]["channel_def"])
     return out
 
 
-def _readme(meta: dict, exported: bool) -> str:
+def _readme(meta: dict, exported: bool, prompt: str = "none") -> str:
     return f"""# {meta['name']}
 
 {meta['description']}
@@ -257,6 +283,12 @@ Classes: {meta['pred_classes']}.
 Run on a folder of volumes (NIfTI, NRRD, MHA, DICOM series folders):
 
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir <folder> --output_dir <out>
+
+Box prompts (MedSAM's protocol; this bundle's default prompt is `{prompt}`): `--prompt box` reads each volume's
+boxes from `<volume stem>.boxes.json` beside it (`case_1.nii.gz` -> `case_1.boxes.json`), or from `--box_dir <folder>`:
+`{{"boxes": [[i1, j1, k1, i2, j2, k2], ...]}}`, inclusive voxel indices along the volume's stored axes (3D Slicer's
+IJK), each optionally `{{"box": [...], "label": class}}`. Every file is checked before inference starts; slices
+no box spans stay empty. `--prompt none` runs prompt-free. `model.ts` and `model.pt2` are the prompt-free graph.
 
 3D Slicer: copy this folder into a MONAI Label `monaibundle` app's `model/` folder, start the server
 (`monailabel start_server --app <app> --studies <images> --conf models <this folder's name>`) and use

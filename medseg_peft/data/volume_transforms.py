@@ -9,14 +9,23 @@ export writes the very same list into the exported bundle's ``inference.json``.
 Axes: volumes are oriented to RAS, so arrays are (C, R, A, S) and axial slices lie along the last
 axis (``SliceInferer(spatial_dim=2)``). In-plane resampling is optional (``spacing=[sx, sy]`` in mm);
 the slice spacing is never changed, since training and inference are slice by slice.
+
+Box prompts (``prompt="box"``, MedSAM's 3D protocol, see ``box_prompts`` and ``volume_boxes``): a
+training slice gets the jittered boxes of its label's objects after it is resized; a validation volume
+gets the exact boxes of every slice of its label (``SliceBoxesd``); an inference volume gets the boxes
+of its box file, carried into the pre-processed grid (``volume_boxes.VolumeBoxesd``).
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import numpy as np
+import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Compose
+from monai.transforms import Compose, MapTransform
+
+from medseg_peft.workflows.prompts import check_prompt
 
 # Window presets: (lower, upper) HU mapped to [0, 1] with clipping. ct_soft_tissue is MedSAM's
 # WL 40 / WW 400 (pre_CT_MR.py); ct_abdomen is SAMed's [-125, 275] (preprocess/README.md); ct_lung is
@@ -32,6 +41,8 @@ INTENSITY_PRESETS: dict[str, dict] = {
 
 SIMPLEITK_READER = "medseg_peft.data.volume_io.SimpleITKReader"
 LABEL_WRITER = "medseg_peft.data.volume_io.SaveLabelVolumed"
+VOLUME_BOXES = "medseg_peft.data.volume_boxes.VolumeBoxesd"
+MAX_SLICE_BOXES = 16  # boxes per training or validation slice: objects beyond it (the smallest) get none
 
 
 def resolve_intensity(intensity: str | Mapping | None) -> dict:
@@ -78,6 +89,7 @@ def volume_preprocessing_config(
     spacing: Sequence[float] | None = None,
     channel: int | None = None,
     reader: str = SIMPLEITK_READER,
+    box_transform: str | None = None,
 ) -> list[dict]:
     """The MONAI components, as config dicts, that turn a volume file into a [1, R, A, S] float tensor in [0, 1].
 
@@ -85,6 +97,8 @@ def volume_preprocessing_config(
     ``channel`` picks one channel of a 4D image (e.g. one MR sequence of MSD BrainTumour).
     ``reader`` is the dotted path of the SimpleITK reader (NRRD, MHA, DICOM); NIfTI goes through
     MONAI's nibabel reader (as ``NiftiReader`` of the same module, which names a file it cannot read).
+    ``box_transform`` (the dotted path of ``VolumeBoxesd``) appends the step that turns an item's
+    ``"box_file"`` into per-slice ``"box"`` prompts of the pre-processed grid; items without one pass unchanged.
     """
     keys = list(keys)
     image = keys[0]
@@ -105,6 +119,8 @@ def volume_preprocessing_config(
         steps.append({"_target_": "Spacingd", "keys": keys, "pixdim": [sx, sy, -1.0], "mode": modes})
     steps.append(intensity_config(intensity, image))
     steps.append({"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32"})
+    if box_transform is not None:
+        steps.append({"_target_": box_transform, "keys": "box_file", "image_key": image, "allow_missing_keys": True})
     return steps
 
 
@@ -151,32 +167,83 @@ def label_postprocessing(activation: str, preprocessing: Compose, output_dir: st
 
 
 def volume_preprocessing(keys: Sequence[str] = ("image", "label"), intensity: str | Mapping | None = "ct_soft_tissue",
-                         spacing: Sequence[float] | None = None, channel: int | None = None) -> Compose:
-    return instantiate(volume_preprocessing_config(keys, intensity, spacing, channel))
+                         spacing: Sequence[float] | None = None, channel: int | None = None, prompt: str = "none") -> Compose:
+    """``volume_preprocessing_config`` instantiated; ``prompt="box"`` adds the box file step (inference)."""
+    boxes = VOLUME_BOXES if check_prompt(prompt) == "box" else None
+    return instantiate(volume_preprocessing_config(keys, intensity, spacing, channel, box_transform=boxes))
 
 
-def slice_sampling(num_classes: int, image_size: int, samples_per_volume: int = 8, background_ratio: float = 0.3) -> Compose:
+class SliceBoxesd(MapTransform):
+    """Add ``"box"`` ``[slices, max_boxes, 5]``: the exact boxes of every axial slice of ``label`` ``[1, R, A, S]``.
+
+    MedSAM's 3D validation: each slice is prompted by one box per connected component per class of its
+    own ground truth, ``[x1, y1, x2, y2, class - 1]`` in the slice's pixels (x along A, the width of the
+    slices ``SliceInferer(spatial_dim=2)`` cuts), largest first; unused rows are -1.
+    """
+
+    def __init__(self, label_key: str = "label", box_key: str = "box", max_boxes: int = MAX_SLICE_BOXES, spatial_dim: int = 2):
+        super().__init__([label_key])
+        self.label_key, self.box_key = label_key, box_key
+        self.max_boxes, self.spatial_dim = int(max_boxes), int(spatial_dim)
+
+    def __call__(self, data):
+        from medseg_peft.data.box_prompts import object_boxes
+
+        d = dict(data)
+        label = d[self.label_key]
+        volume = np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label)[0]
+        planes = np.moveaxis(volume, self.spatial_dim, 0)  # [slices, height, width]
+        out = torch.full((planes.shape[0], self.max_boxes, 5), -1.0)
+        for k, plane in enumerate(planes):
+            for n, (x1, y1, x2, y2, value) in enumerate(object_boxes(np.rint(plane).astype(np.int64), classes=True)[: self.max_boxes]):
+                out[k, n] = torch.tensor([x1, y1, x2, y2, value - 1], dtype=torch.float32)
+        d[self.box_key] = out
+        return d
+
+
+def validation_preprocessing(preprocessing: Compose, prompt: str = "none") -> Compose:
+    """The validation volumes' pre-processing: ``preprocessing`` itself, and with box prompts each slice's exact boxes."""
+    if check_prompt(prompt) == "none":
+        return preprocessing
+    return Compose([preprocessing, SliceBoxesd()]).flatten()
+
+
+def slice_sampling(num_classes: int, image_size: int, samples_per_volume: int = 8, background_ratio: float = 0.3,
+                   prompt: str = "none") -> Compose:
     """Random axial slices of a pre-processed volume pair, resized to the model's input size.
 
     Slices are centred on voxels drawn class by class (MONAI's ``RandCropByLabelClassesd`` with a
     crop of one slice): each organ class is drawn as often as the others however small it is, and the
     background draws (``background_ratio`` of one class's share) land on slices with or without
     organs, so the model also sees empty slices and learns to predict nothing there.
+
+    ``prompt="box"`` adds ``"box"`` ``[16, 5]`` per slice after the resize: one box per connected
+    component per class, each side pushed out by up to MedSAM's jitter at ``image_size``, the fifth
+    column the class's output channel (``class - 1``: per-class sigmoid outputs). A background slice has
+    no box, and the model learns to give it nothing.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     ratios = [float(background_ratio)] + [1.0] * num_classes
+    boxes = []
+    if check_prompt(prompt) == "box":
+        from medseg_peft.data.box_prompts import medsam_jitter
+
+        boxes = [{"_target_": "medseg_peft.data.box_prompts.BoxesFromMaskd", "label_key": "label", "jitter": medsam_jitter(image_size),
+                  "max_boxes": MAX_SLICE_BOXES, "classes": True, "channel_offset": 0}]
     return instantiate([
         {"_target_": "RandCropByLabelClassesd", "keys": ["image", "label"], "label_key": "label", "spatial_size": [-1, -1, 1],
          "ratios": ratios, "num_classes": num_classes + 1, "num_samples": int(samples_per_volume), "warn": False},
         {"_target_": "SqueezeDimd", "keys": ["image", "label"], "dim": -1},
         {"_target_": "Resized", "keys": ["image", "label"], "spatial_size": [int(image_size), int(image_size)],
          "mode": ["bilinear", "nearest"]},
-    ])
+    ] + boxes)
 
 
 __all__ = [
     "INTENSITY_PRESETS",
+    "SliceBoxesd",
+    "validation_preprocessing",
     "instantiate",
     "intensity_config",
     "label_postprocessing",

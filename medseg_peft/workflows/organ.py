@@ -52,6 +52,33 @@ def organ_data(dataset_dir: str | None = None, classes: Sequence[str] | Mapping 
     return data
 
 
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def organ_activation(activation: str | None = None, prompt: str = "none") -> str:
+    """The output activation a run uses: the ``activation`` key, or with none given softmax prompt-free and sigmoid with boxes.
+
+    Box prompts need per-class sigmoid outputs. MedSAM's protocol prompts one box per object, and the
+    decoder answers each box with one mask (SAM's single-mask token); with a class per box, a slice's
+    boxes fill the output channels of their own classes (``SamSegmenter``, boxes ``[B, N, 5]``) and a
+    class no box asks for is empty. That is one independent binary mask per class, i.e. a sigmoid per
+    channel; softmax would need a background channel no box could ever prompt, and would make classes
+    whose boxes overlap compete for the same voxels. So ``prompt: box`` implies ``activation: sigmoid``,
+    and an explicit ``softmax`` with boxes is refused rather than silently changed.
+    """
+    from medseg_peft.workflows.prompts import check_prompt
+
+    check_prompt(prompt)
+    if not given(activation):
+        return "sigmoid" if prompt == "box" else "softmax"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    if prompt == "box" and activation != "sigmoid":
+        raise ValueError(f"prompt 'box' needs activation 'sigmoid' (one output channel per class, each segmented by its "
+                         f"class's boxes), but activation is {activation!r}: set activation to 'sigmoid' or leave it unset")
+    return activation
+
+
 def num_outputs(num_classes: int, activation: str = "softmax") -> int:
     """Output channels: one per class, plus background for softmax."""
     if activation not in ("softmax", "sigmoid"):
@@ -61,32 +88,38 @@ def num_outputs(num_classes: int, activation: str = "softmax") -> int:
 
 def organ_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None,
                   num_classes: int = 1, activation: str = "softmax") -> nn.Module:
-    """A prompt-free SAM taking grey slices in [0, 1], with one decoder output per class (and background)."""
+    """A SAM taking grey slices in [0, 1], with one decoder output per class (and background with softmax).
+
+    Prompt-free, or with boxes ``[B, N, 5]`` naming each box's class channel (per-class sigmoid outputs).
+    """
     from medseg_peft.workflows.polyp import polyp_network
 
     wrapper = {"num_outputs": num_outputs(num_classes, activation), "in_channels": 1, "input_scale": 255.0}
     return polyp_network(sam_checkpoint, sam_variant, image_size, **wrapper)
 
 
-def organ_loss(activation: str = "softmax") -> nn.Module:
-    """Dice + cross-entropy on label maps ``[B, 1, H, W]`` of class values: softmax over classes, or per-class sigmoid."""
+def organ_loss(activation: str = "softmax", prompt: str = "none") -> nn.Module:
+    """Dice + cross-entropy on label maps ``[B, 1, H, W]`` of class values: softmax over classes, or per-class sigmoid.
+
+    With box prompts, MedSAM's loss: Dice with squared predictions in the denominator, plus BCE.
+    """
     from monai.losses import DiceCELoss
 
     if activation == "softmax":
         return DiceCELoss(to_onehot_y=True, softmax=True)
     if activation == "sigmoid":
-        return _SigmoidDiceCE()
+        return _SigmoidDiceCE(squared_pred=prompt == "box")
     raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
 
 
 class _SigmoidDiceCE(nn.Module):
     """Binary Dice + BCE per class channel; the label map becomes one-hot without its background channel."""
 
-    def __init__(self):
+    def __init__(self, squared_pred: bool = False):
         super().__init__()
         from monai.losses import DiceCELoss
 
-        self.loss = DiceCELoss(sigmoid=True)
+        self.loss = DiceCELoss(sigmoid=True, squared_pred=squared_pred)
 
     def forward(self, logits, label):
         import torch.nn.functional as F
