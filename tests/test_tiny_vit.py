@@ -127,3 +127,15 @@ def test_a_damaged_named_checkpoint_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(named_checkpoints.metadata, "distribution", lambda name: Dist())
     with pytest.raises(ValueError, match="not the published file"):
         resolve_checkpoint("lite_medsam")
+
+
+def test_rows_shorter_than_k_are_trained_whole():
+    """A 1x1 patch convolution on 3 channels has 3 entries per row: K = 8 takes them all."""
+    import medseg_peft as mp
+    from medseg_peft.selection.selection import ROWS, WHOLE
+
+    net = sam_segmenter("tiny_lite")
+    selection = mp.FPS(k=8).select(net, [torch.rand(1, 3, 64, 64) * 255])
+    assert selection.entries["sam.image_encoder.patch_embed.seq.0.c.weight"].layout == WHOLE
+    qkv = selection.entries["sam.image_encoder.layers.1.blocks.0.attn.qkv.weight"]
+    assert qkv.layout == ROWS and qkv.index.shape == (48, 8)

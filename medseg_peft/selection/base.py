@@ -227,10 +227,10 @@ class TopKSelector(ScoredSelector):
         self.k = check_k(self.k)
 
     def check_selectable(self, params: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> None:
-        for name in selectable:
-            p = params[name]
-            if p.ndim >= 2 and self.k > p[0].numel():
-                raise ValueError(f"k={self.k} is larger than the {p[0].numel()} entries per row of {name} {tuple(p.shape)}")
+        short = [name for name in selectable if params[name].ndim >= 2 and self.k >= params[name][0].numel()]
+        if short:
+            log.info("k=%d covers every entry of each row of %d tensor(s), trained whole: %s%s", self.k, len(short),
+                     ", ".join(short[:3]), " ..." if len(short) > 3 else "")
 
     def choose(self, scored: Iterator[tuple[str, torch.Tensor]]) -> dict[str, Entries]:
         """Top-K per output row, one tensor at a time (no score matrix outlives its choice)."""
