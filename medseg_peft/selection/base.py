@@ -227,9 +227,9 @@ class TopKSelector(ScoredSelector):
         self.k = check_k(self.k)
 
     def check_selectable(self, params: Mapping[str, torch.Tensor], selectable: Sequence[str]) -> None:
-        short = [name for name in selectable if params[name].ndim >= 2 and self.k >= params[name][0].numel()]
+        short = [name for name in selectable if params[name].ndim >= 2 and self.k > params[name][0].numel()]
         if short:
-            log.info("k=%d covers every entry of each row of %d tensor(s), trained whole: %s%s", self.k, len(short),
+            log.info("k=%d exceeds the entries per row of %d tensor(s), trained whole: %s%s", self.k, len(short),
                      ", ".join(short[:3]), " ..." if len(short) > 3 else "")
 
     def choose(self, scored: Iterator[tuple[str, torch.Tensor]]) -> dict[str, Entries]:

@@ -34,12 +34,12 @@ def check_k(k: int) -> int:
 def topk_per_row(score: torch.Tensor, k: int, name: str = "parameter") -> Entries:
     """The ``k`` highest-scoring columns of every output row (conv kernels flattened to ``[out, in*kh*kw]``).
 
-    A tensor whose rows hold no more than ``k`` entries (a 1x1 convolution on 3 input channels, a 3x3
+    A tensor whose rows hold fewer than ``k`` entries (a 1x1 convolution on 3 input channels, a 3x3
     depthwise kernel under K = 16) is trained whole: its top K is every entry.
     """
     check_k(k)
     rows, cols = row_view_shape(tuple(score.shape))
-    if k >= cols:
+    if k > cols:
         return Entries(WHOLE, tuple(score.shape))
     s = score.detach().reshape(rows, cols).float()
     # topk is ~25x cheaper than a full sort, but its choice among equal scores is unspecified; the set
