@@ -33,9 +33,9 @@ def test_topk_rejects_bad_k(k):
         topk_per_row(torch.randn(3, 4), k)
 
 
-def test_topk_rejects_k_larger_than_row():
-    with pytest.raises(ValueError, match="larger than the 4 entries per row"):
-        topk_per_row(torch.randn(3, 4), 5, "w")
+def test_rows_shorter_than_k_are_taken_whole():
+    e = topk_per_row(torch.randn(3, 4), 5, "w")
+    assert e.layout == "whole" and e.count == 12
 
 
 def test_global_top_matches_brute_force():
