@@ -36,11 +36,11 @@ def test_selection_picture_of_fps_on_tiny_sam(sam, sam_batches, tmp_path):
     selection = mp.FPS(k=2).select(sam, sam_batches)
     numels = base_numels(sam)
     table = selection_table(selection, numels)
-    assert table["blocks"] == [0, 1]
+    assert table["blocks"] == [(-1, 0), (-1, 1)]  # (stage, block): SAM ViT has no stages
     assert sum(t for t, _ in table["groups"].values()) == selection.num_trainable
     assert sum(n for _, n in table["groups"].values()) == sum(p.numel() for p in sam.parameters())
     assert table["groups"]["mask_decoder"][0] > 0 and "prompt_encoder" in table["groups"]
-    assert table["cells"][0, "attention"][0] == selection["image_encoder.blocks.0.attn.qkv.weight"].count + selection["image_encoder.blocks.0.attn.proj.weight"].count
+    assert table["cells"][(-1, 0), "attention"][0] == selection["image_encoder.blocks.0.attn.qkv.weight"].count + selection["image_encoder.blocks.0.attn.proj.weight"].count
     _png(draw_selection(selection, tmp_path / "selection.png", numels))
 
 
@@ -51,7 +51,7 @@ def test_selection_picture_of_lora_on_tiny_vit(vit, tmp_path):
     numels = base_numels(vit)  # attached: parametrized originals under their base names, no branch factors
     assert sum(numels.values()) == total and "head.weight" in numels
     table = selection_table(selection, numels)
-    assert all(table["cells"][b, "attention"][0] > 0 and table["cells"][b, "mlp"][0] == 0 for b in (0, 1))
+    assert all(table["cells"][b, "attention"][0] > 0 and table["cells"][b, "mlp"][0] == 0 for b in ((-1, 0), (-1, 1)))
     _png(draw_selection(selection, tmp_path / "selection.png", numels))
 
 
@@ -187,3 +187,19 @@ def test_the_best_file_keeps_the_scored_networks_weights(vit, tmp_path):
     lora = [k for k in saved if k.endswith("lora_B")]
     assert lora and all(bool((saved[k] == 0.5).all()) for k in lora)  # the scored copy's, not the raw zeros
     assert json.loads((tmp_path / "metrics.json").read_text())["trainable"] == mp.tuning.tuning_state(vit).selection.num_trainable
+
+
+def test_selection_picture_of_fps_on_tiny_vit_sam_shows_its_stages(tmp_path):
+    """TinyViT's blocks are rows per stage (MBConv stage 0, transformer stages 1-3), its patch mergings parts."""
+    from medseg_peft.models import sam_segmenter
+
+    net = sam_segmenter("tiny_lite")
+    selection = mp.FPS(k=2).select(net, [torch.rand(1, 3, 64, 64) * 255])
+    numels = base_numels(net)
+    table = selection_table(selection, numels)
+    assert table["blocks"] == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)]
+    assert table["cells"][(0, 0), "conv"][0] > 0 and table["cells"][(2, 1), "attention"][0] > 0
+    assert table["cells"][(1, 0), "norm"][0] == 0  # LayerNorms and BatchNorm scales stay frozen
+    assert "image_encoder.merge after stage 0" in table["groups"] and "image_encoder.patch_embed" in table["groups"]
+    assert sum(t for t, _ in table["groups"].values()) == selection.num_trainable
+    _png(draw_selection(selection, tmp_path / "selection.png", numels))

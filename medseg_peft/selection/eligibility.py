@@ -33,8 +33,12 @@ PRESETS: dict[str, list[dict]] = {
     # segment-anything: only the image encoder's weights are selected; its biases trained; norms,
     # pos_embed, relative-position tables ("pos") and the neck's 1-D (LayerNorm2d) weights frozen;
     # prompt encoder and mask decoder fully trained.
+    # The same names cover a TinyViT encoder (MobileSAM, LiteMedSAM): its convolutions are selected per
+    # output channel, its BatchNorm shifts (the convolutions' bias) trained and scales frozen (1-D), its
+    # attention-bias tables trained as biases; MobileSAM's ImageNet head sees no input and stays frozen.
     "sam": [
         {"exclude": r"(^|\.)image_encoder\.", "role": TRAIN},
+        {"match": r"(^|\.)image_encoder\.(norm_head|head)\.", "role": FREEZE},
         {"match": r"norm|pos", "role": FREEZE},
         {"match": r"bias", "role": TRAIN},
         {"match": r"neck", "max_ndim": 1, "role": FREEZE},

@@ -62,6 +62,7 @@ SPT_PRESETS: dict[str, list[dict]] = {
 
 
 FUSED_QKV = re.compile(r"(^|\.)qkv\.(weight|bias)$")
+HEAD_INTERLEAVED_QKV = re.compile(r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.qkv\.(weight|bias)$")  # TinyViT
 ATTENTION_PROJ = re.compile(r"(^|\.)attn\.proj\.weight$")
 CLS_TOKEN = re.compile(r"(^|\.)cls_token$")
 STRUCTURED = {"lora": LORA, "adapter": ADAPTER}
@@ -69,9 +70,13 @@ REFERENCE_STEP = 20_000  # ziplab/SPT engine.py sweeps the top count in 0.02 M s
 
 
 def units_of(name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int]]:
-    """SPT's units of one tensor as ``(unit name, first row, stop row)``: q / k / v of a fused qkv, else the tensor."""
+    """SPT's units of one tensor as ``(unit name, first row, stop row)``: q / k / v of a fused qkv, else the tensor.
+
+    TinyViT's fused qkv (``layers.N.blocks.M.attn.qkv``) lays its rows out per head (q, k, v of head 0,
+    then of head 1, ...), so no row block is "the queries": it stays one unit.
+    """
     rows = shape[0]
-    if FUSED_QKV.search(name) and rows % 3 == 0:
+    if FUSED_QKV.search(name) and not HEAD_INTERLEAVED_QKV.search(name) and rows % 3 == 0:
         d = rows // 3
         return [(f"{name}[{part}]", i * d, (i + 1) * d) for i, part in enumerate("qkv")]
     return [(name, 0, rows)]

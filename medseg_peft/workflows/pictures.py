@@ -27,18 +27,25 @@ from torch import nn
 from medseg_peft.io import atomic_write
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
-KINDS = ("attention", "mlp", "bias", "norm", "other")
-BLOCK = re.compile(r"^(.*?)blocks\.(\d+)\.")
+KINDS = ("attention", "mlp", "conv", "bias", "norm", "other")
+# a block is "...blocks.<i>." (SAM ViT, timm) or "...layers.<s>.blocks.<i>." (TinyViT: stage s, block i)
+BLOCK = re.compile(r"^(.*?)(?:layers\.(\d+)\.)?blocks\.(\d+)\.")
+MERGE = re.compile(r"^layers\.(\d+)\.downsample\.")  # TinyViT's patch merging after stage s
 WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (0, 0, 0), (128, 128, 128), (235, 235, 235)
 COLD, HOT = (247, 251, 255), (8, 48, 107)  # the ends of the heat map's colour scale (light to dark blue)
 LINE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
 # ---- what a parameter is ------------------------------------------------------------------------
-def block_of(name: str) -> int | None:
-    """The transformer block index of ``name`` (``...blocks.<i>....``), or None outside the blocks."""
+def block_of(name: str) -> tuple[int, int] | None:
+    """``(stage, block)`` of ``name`` (stage -1 for a model without stages), or None outside the blocks."""
     m = BLOCK.match(name)
-    return int(m.group(2)) if m else None
+    return (int(m.group(2)) if m.group(2) is not None else -1, int(m.group(3))) if m else None
+
+
+def block_label(block: tuple[int, int]) -> str:
+    stage, index = block
+    return f"block {index}" if stage < 0 else f"stage {stage} block {index}"
 
 
 def kind_of(name: str) -> str:
@@ -49,14 +56,16 @@ def kind_of(name: str) -> str:
     attention's)."""
     parts = name.split(".")
     module = parts[-2] if len(parts) > 1 else ""
-    if "norm" in module or re.fullmatch(r"ln_?\d*", module):
-        return "norm"
+    if "norm" in module or module == "bn" and parts[-1] == "weight" or re.fullmatch(r"ln_?\d*", module):
+        return "norm"  # a BatchNorm's shift is its convolution's bias, its scale a norm's
     if parts[-1] == "bias":
         return "bias"
     if "attn" in parts or "attention" in parts:
         return "attention"
     if "mlp" in parts:
         return "mlp"
+    if any(p.startswith("conv") or p.endswith("_conv") for p in parts):
+        return "conv"
     return "other"
 
 
@@ -77,7 +86,10 @@ def part_of(name: str, prefix: str) -> str:
     encoder = prefix.rstrip(".")
     wrapper = encoder.rpartition(".")[0] + "." if "." in encoder else ""
     if prefix and name.startswith(prefix):
-        return f"{encoder.rpartition('.')[2]}.{name[len(prefix):].split('.')[0]}"
+        rest = name[len(prefix):]
+        if m := MERGE.match(rest):
+            return f"{encoder.rpartition('.')[2]}.merge after stage {m.group(1)}"
+        return f"{encoder.rpartition('.')[2]}.{rest.split('.')[0]}"
     rest = name[len(wrapper):] if name.startswith(wrapper) else name
     return rest.split(".")[0]
 
@@ -118,7 +130,7 @@ def selection_table(selection: Selection, numels: Mapping[str, int] | None = Non
     for name, e in selection.entries.items():
         numels.setdefault(name, e.numel)
     prefix = block_prefix(list(numels))
-    cells: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0])
+    cells: dict[tuple[tuple[int, int], str], list[int]] = defaultdict(lambda: [0, 0])
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, n in numels.items():
         e = selection.entries.get(name)
@@ -172,7 +184,8 @@ def draw_selection(selection: Selection, path: str | Path, numels: Mapping[str, 
     table = selection_table(selection, numels)
     blocks, kinds, cells, groups = table["blocks"], table["kinds"], table["cells"], table["groups"]
     f, small = font(13), font(11)
-    row_h, label_w, cell_w, bar_w = 20, 80, 150, 420
+    row_h, cell_w, bar_w = 20, 150, 420
+    label_w = 120 if any(stage >= 0 for stage, _ in blocks) else 80
     width = max(label_w + cell_w * max(len(kinds), 1) + 90, 260 + bar_w + 170)
     heat_h = 24 + row_h * len(blocks) if blocks else 24
     height = 56 + heat_h + 34 + row_h * len(groups) + 16
@@ -189,7 +202,7 @@ def draw_selection(selection: Selection, path: str | Path, numels: Mapping[str, 
             draw.text((label_w + j * cell_w + 6, top), kind, fill=BLACK, font=f)
         for i, block in enumerate(blocks):
             y = top + 20 + i * row_h
-            draw.text((6, y + 3), f"block {block}", fill=BLACK, font=small)
+            draw.text((6, y + 3), block_label(block), fill=BLACK, font=small)
             for j, kind in enumerate(kinds):
                 x = label_w + j * cell_w
                 trained, total = cells.get((block, kind), (0, 0))
