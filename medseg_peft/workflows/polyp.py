@@ -47,7 +47,7 @@ def polyp_data(dataset_dir: str | None = None, val_fraction: float = 0.2, seed: 
 DEMO_LR, PRETRAINED_LR = 5e-3, 1e-4
 
 
-def polyp_lr(lr: float | None = None, sam_checkpoint: str | None = None) -> float:
+def default_lr(lr: float | None = None, sam_checkpoint: str | None = None) -> float:
     """The learning rate: the user's, else 1e-4 for a real checkpoint (MedSAM's and LiteMedSAM's rate: larger ones
     pull a pre-trained decoder away from what it knows within an epoch) and 5e-3 for the small demo model."""
     if given(lr):
