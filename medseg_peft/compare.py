@@ -247,7 +247,29 @@ def row(folder: Path, data: dict, out: Path) -> dict:
         "wall_time_from": "wall_time_s" if timed else "seconds",
         "peak_memory_mib": data.get("peak_memory_mib"),
         "peak_memory_kind": data.get("peak_memory_kind"),
+        "seconds": data.get("seconds"),
+        # (seconds since the run began, key metric) at each validation, where the run recorded the times
+        "curve": [(data["elapsed_s"][str(h["epoch"])], h.get(shown[0])) for h in data["history"]
+                  if str(h["epoch"]) in data.get("elapsed_s", {}) and h.get(shown[0]) is not None],
     }
+
+
+BASELINE = "decoder"  # the laptop baseline every method's row is held against at equal wall time
+
+
+def baseline_at_equal_time(rows: list[dict]) -> dict[str, float | None]:
+    """Per run: the best key metric the decoder baseline had reached within that run's whole time (selection
+    included), from the baseline's validation times; empty without a baseline run that recorded them."""
+    base = next((r for r in rows if r["method"] == BASELINE and r["curve"]), None)
+    if base is None:
+        return {}
+    out = {}
+    for r in rows:
+        if r is base or r["seconds"] is None:
+            continue
+        reached = [v for t, v in base["curve"] if t <= r["seconds"]]
+        out[r["run"]] = max(reached) if reached else None
+    return out
 
 
 def _number(value, digits: int) -> str:
@@ -278,14 +300,21 @@ def memory(r: dict) -> str:
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (the README's form), one line per run."""
     names = " / ".join("top-1" if m == "top1" else m for m in rows[0]["metrics"])
-    lines = [f"| method | tuned | tuned % | zero-shot {names} | best {names} | best epoch | wall time | peak memory | run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    versus = baseline_at_equal_time(rows)
+    extra = f" {BASELINE} at equal time: its {rows[0]['key_metric']}, beaten? |" if versus else ""
+    lines = [f"| method | tuned | tuned % | zero-shot {names} | best {names} | best epoch | wall time | peak memory |{extra} run |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if versus else "")]
     for r in rows:
         tuned = "-" if r["trainable"] is None else f"{r['trainable']:,}"
         percent = "-" if r["tuned_percent"] is None else f"{r['tuned_percent']:.3g}"
+        cell = ""
+        if versus:
+            base, own = versus.get(r["run"]), r["best"].get(r["key_metric"])
+            verdict = "-" if base is None or own is None else ("yes" if own > base else "no")
+            cell = f" {_number(base, 3)}, {verdict} |" if r["run"] in versus else " (baseline) |"
         lines.append(f"| {r['method']} | {tuned} | {percent} | {_scores(r['zero_shot'], r['metrics'])} | "
                      f"{_scores(r['best'], r['metrics'])} | {r['best_epoch'] if r['best_epoch'] is not None else '-'} "
-                     f"(of {r['epochs']}) | {duration(r['wall_time_s'])} | {memory(r)} | {r['run']} |")
+                     f"(of {r['epochs']}) | {duration(r['wall_time_s'])} | {memory(r)} |{cell} {r['run']} |")
     if any(r["wall_time_from"] != "wall_time_s" for r in rows):
         lines.append("\nwall time: metrics.json's seconds (the report's clock) where a run predates wall_time_s")
     return "\n".join(lines)

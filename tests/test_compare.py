@@ -106,6 +106,19 @@ def test_collect_reads_new_and_older_metrics_and_leaves_out_unfinished_runs(tmp_
     assert "different key metrics (mDice, top1)" in capsys.readouterr().err
 
 
+def test_each_row_says_whether_it_beats_the_decoder_baseline_at_equal_wall_time(tmp_path, capsys, monkeypatch):
+    """The decoder baseline's mDice reached 20 / 30 at 40 s / 90 s (histories give 10, 20, 30 by epoch): a run that
+    took 60 s in all is held against 20, one that took 100 s against 30."""
+    monkeypatch.setattr(compare, "launch", _refuse)
+    runs = tmp_path / "runs"
+    _fake_run(runs / "polyp_decoder", "decoder", "mDice", seconds=95.0, elapsed_s={"0": 5.0, "1": 40.0, "2": 90.0})
+    _fake_run(runs / "polyp_fps", "fps", "mDice", seconds=60.0)  # best 30 > 20
+    _fake_run(runs / "polyp_gps", "gps", "mDice", seconds=100.0)  # best 30, not above 30
+    assert compare.main(["--collect", str(runs)]) == 0
+    fps, gps, decoder = table_lines(capsys.readouterr().out)
+    assert "| 20.000, yes |" in fps and "| 30.000, no |" in gps and "| (baseline) |" in decoder
+
+
 @pytest.mark.parametrize("bundle,meta,key", [("organ_fps.json", "organ_metadata.json", "mDice"),
                                              ("classify.json", "classify_metadata.json", "top1")])
 def test_organ_and_classify_bundles_get_their_metadata_and_own_folders(bundle, meta, key, tmp_path, capsys, monkeypatch):
