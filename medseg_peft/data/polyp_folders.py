@@ -198,7 +198,15 @@ def split_by_stem(items: list[dict], val_fraction: float, seed: int) -> tuple[li
 
 
 def _kvasir_datalists(root: Path, dirs: tuple[Path, Path], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    items = pair_by_stem(*dirs)
+    from medseg_peft.data.folder_layouts import mask_suffix, pair_keys
+
+    images, masks = image_files(dirs[0]), image_files(dirs[1])
+    suffix = mask_suffix(images, masks)
+    if suffix:  # images/case1.png with masks/case1_mask.png
+        log.info("%s: masks are named <image stem>%s", root, suffix)
+        items = pair_keys(root, images, {stem[: -len(suffix)]: p for stem, p in masks.items()}, f"images/ + masks/*{suffix}")
+    else:
+        items = pair_by_stem(*dirs)
     check_pairs(items)
     return split_by_stem(items, val_fraction, seed)
 
@@ -255,9 +263,18 @@ def polyp_datalists(
         if val_sets is not None:
             raise ValueError(f"{root} has the Kvasir layout (images/, masks/), which has no named test sets; drop val_sets={val_sets!r}")
         return _kvasir_datalists(root, dirs, val_fraction, seed)
+    from medseg_peft.data.folder_layouts import LAYOUTS, other_layout_pairs
+
+    found_layout = other_layout_pairs(root)
+    if found_layout is not None:
+        if val_sets is not None:
+            raise ValueError(f"{root} has the {found_layout[0]} layout, which has no named test sets; drop val_sets={val_sets!r}")
+        log.info("%s: %s layout, %d image / mask pairs", root, *found_layout[:1], len(found_layout[1]))
+        check_pairs(found_layout[1])
+        return split_by_stem(found_layout[1], val_fraction, seed)
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     raise FileNotFoundError(
-        f"{root} has neither polyp layout: expected either 'images/' and 'masks/' (Kvasir-SEG) or "
-        f"'{PRANET_TRAIN_DIR}/{{images,masks}}' with '{PRANET_TEST_DIR}/<set>/{{images,masks}}' (PraNet); "
-        f"found sub-folders {found or 'none'}"
+        f"{root} has no known layout: expected 'images/' and 'masks/' (Kvasir-SEG, or masks named <stem><suffix>), "
+        f"'{PRANET_TRAIN_DIR}/{{images,masks}}' with '{PRANET_TEST_DIR}/<set>/{{images,masks}}' (PraNet), or the "
+        f"{', '.join(LAYOUTS)} layouts; found sub-folders {found or 'none'}"
     )
