@@ -100,8 +100,9 @@ def batch(size: int, n: int, device, seed: int):
     return x.to(device), y.to(device)
 
 
-def counted_step(model, x, y) -> tuple[torch.Tensor, int]:
-    """Forward + loss; the bytes autograd saves for backward (parameters excluded; checkpoint inputs added)."""
+def counted_step(model, x, y, loss_fn=seg_loss, **inputs) -> tuple[torch.Tensor, int]:
+    """Forward + loss; the bytes autograd saves for backward (parameters excluded; checkpoint inputs added).
+    ``loss_fn(model(x, **inputs), y)`` is the step's loss (``inputs``: prompts such as ``boxes``)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     total = 0
@@ -117,18 +118,26 @@ def counted_step(model, x, y) -> tuple[torch.Tensor, int]:
         count(t)
         return t
 
+    def kept(module, args) -> bool:
+        """A checkpoint keeps its inputs (and selective checkpointing its cache) only if backward reaches inside the
+        block: a parameter or an input of it requires grad (not so a frozen TinyViT stage 0 under LoRA)."""
+        return any(p.requires_grad for p in module.parameters()) or any(torch.is_tensor(a) and a.requires_grad for a in args)
+
     def count_inputs(module, args) -> None:
-        for a in args:
-            if torch.is_tensor(a):
-                count(a)
+        if kept(module, args):
+            for a in args:
+                if torch.is_tensor(a):
+                    count(a)
 
     inside_selective = [0]
+    entered: list[int] = []
 
     def enter(module, args):
-        inside_selective[0] += 1
+        entered.append(int(kept(module, args)))
+        inside_selective[0] += entered[-1]
 
     def leave(module, args, output):
-        inside_selective[0] -= 1
+        inside_selective[0] -= entered.pop()
 
     handles = []
     for _, block in transformer_blocks(model):
@@ -138,7 +147,7 @@ def counted_step(model, x, y) -> tuple[torch.Tensor, int]:
             handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _CountOutputs(matmul_ops(), count, inside_selective):
-            loss = seg_loss(model(x), y)
+            loss = loss_fn(model(x, **inputs), y)
     finally:
         for h in handles:
             h.remove()

@@ -252,3 +252,42 @@ def test_bf16_base_under_autocast_and_in_the_bundle(vit, vit_batches, tmp_path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["base_dtype"] == "bfloat16" and metrics["settings"]["checkpointing"] is True
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+
+
+# ---- TinyViT (LiteMedSAM, MobileSAM) ---------------------------------------------------------
+@pytest.mark.parametrize("mode", [True, "selective"])
+@pytest.mark.parametrize("method", ["fps", "full"])
+def test_tiny_vit_checkpointing_gives_the_same_loss_and_gradients(method, mode):
+    from medseg_peft.models.tiny_vit import MBConv, PatchMerging, TinyViTBlock
+
+    x, y = _sam_batch()
+    torch.manual_seed(0)
+    base = sam_segmenter("tiny_lite")
+    make = (lambda m: mp.FPS(k=1)(m, [(x, y)])) if method == "fps" else (lambda m: mp.Full()(m))
+    plain, ckpt = make(copy.deepcopy(base)), make(copy.deepcopy(base))
+    with torch.no_grad():  # non-zero deltas (FPS), the same in both
+        for a, b in zip(mp.trainable_parameters(plain), mp.trainable_parameters(ckpt)):
+            a.add_(torch.randn_like(a) * 0.02)
+            b.copy_(a)
+    mp.activation_checkpointing(ckpt, mode)
+    wrapped = {type(m) for m in ckpt.modules() if "forward" in vars(m)}
+    assert wrapped == {MBConv, TinyViTBlock}  # every block of every stage; the patch mergings stay plain
+    assert not any("forward" in vars(m) for m in ckpt.modules() if isinstance(m, PatchMerging))
+    results = []
+    for model in (plain, ckpt):
+        model.train()
+        for p in mp.trainable_parameters(model):
+            p.grad = None
+        loss, saved = _saved_bytes(lambda: _seg_loss(model(x), y))
+        loss.backward()
+        results.append((loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in mp.trainable_parameters(model)], saved))
+    (loss_p, grads_p, saved_p), (loss_c, grads_c, saved_c) = results
+    assert torch.equal(loss_p, loss_c)
+    for a, b in zip(grads_p, grads_c):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert saved_c < saved_p
+    # BatchNorm statistics stay the pre-trained ones through the recomputed forward
+    for (n, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(a, b), n
+    mp.activation_checkpointing(ckpt, enabled=False)
+    assert all("forward" not in vars(m) for m in ckpt.modules())

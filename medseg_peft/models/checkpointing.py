@@ -3,8 +3,11 @@
 Most of a ViT's training memory is what each block saves for backward (attention scores, MLP hidden
 activations, the inputs of every Linear); checkpointing keeps only each block's input and runs the
 block's forward a second time during backward, for about one extra forward of compute. It applies to
-the blocks of SAM's image encoder (``image_encoder.blocks.N``) and of a timm ViT (``blocks.N``): every
-module whose name ends in ``blocks.<number>``.
+every module whose name ends in ``blocks.<number>``: the blocks of SAM's ViT image encoder
+(``image_encoder.blocks.N``), of a timm ViT (``blocks.N``) and of TinyViT (LiteMedSAM, MobileSAM:
+``image_encoder.layers.S.blocks.N``, the MBConvs of stage 0 and the ``TinyViTBlock``s of stages 1-3).
+TinyViT's patch embedding, patch mergings (``layers.S.downsample``) and SAM's neck stay plain: they are
+a few convolutions each, a small share of the activations.
 
 ``"selective"`` keeps the outputs of the matrix products and attention too (PyTorch's selective
 activation checkpointing, ``create_selective_checkpoint_contexts``) and recomputes only what lies between
@@ -15,7 +18,9 @@ Non-reentrant checkpointing (``use_reentrant=False``) is used: it works with DDP
 not require grad, and with keyword arguments. It is exact with this package's deltas: a sparse delta
 is folded into the frozen weight only for the duration of each matmul and the base entries are written
 back bit for bit, so the recomputed forward sees the same weights and saves the same tensors; LoRA
-branches and adapters are ordinary modules inside the block. The block's forward is replaced on the
+branches and adapters are ordinary modules inside the block. TinyViT's BatchNorms stay in eval mode in
+training (``TinyViT.train``), so the second forward neither sees batch statistics of its own nor
+updates the running ones a second time. The block's forward is replaced on the
 instance only, so ``state_dict`` keys, merging and export are unchanged; ``enabled=False`` restores it.
 """
 
@@ -68,7 +73,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, block)`` of every module named ``...blocks.<number>`` (SAM's image encoder, timm ViTs)."""
+    """``(name, block)`` of every module named ``...blocks.<number>`` (SAM's ViT and TinyViT image encoders, timm ViTs)."""
     return [(name, m) for name, m in model.named_modules() if BLOCK.search(name)]
 
 
