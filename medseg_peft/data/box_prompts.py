@@ -14,13 +14,14 @@ segments; unused rows are -1. ``SamSegmenter`` reads exactly this layout.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
+
+from medseg_peft.data.volume_boxes import read_volume_boxes
 
 BOX_KEY = "box"
 MEDSAM_JITTER_AT_1024 = 20  # pixels, MedSAM's bbox_shift
@@ -80,36 +81,6 @@ class BoxesFromMaskd(RandomizableTransform, MapTransform):
         return d
 
 
-def read_box_file(path: str | Path, shape: tuple[int, ...]) -> list[dict]:
-    """Boxes for one image or volume from a JSON file, checked against its ``shape`` (``(H, W)`` or ``(X, Y, Z)``).
-
-    ``{"boxes": [[x1, y1, x2, y2], ...]}`` for a 2D image (pixels, x along the width), or
-    ``{"boxes": [[i1, j1, k1, i2, j2, k2], ...]}`` for a volume (voxel indices along its three axes,
-    as the array is stored); each entry may instead be ``{"box": [...], "label": class}`` (default class 1). Returns
-    ``[{"box": [...], "label": int}]``. Anything else is an error that names the file.
-    """
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"box file {path} could not be read as JSON: {err}") from None
-    entries = raw.get("boxes") if isinstance(raw, dict) else raw
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"box file {path}: expected {{\"boxes\": [[x1, y1, x2, y2], ...]}} with at least one box")
-    ndim = len(shape)
-    out = []
-    for i, entry in enumerate(entries):
-        box, label = (entry.get("box"), entry.get("label", 1)) if isinstance(entry, dict) else (entry, 1)
-        if not isinstance(box, list) or len(box) != 2 * ndim or not all(isinstance(v, (int, float)) for v in box):
-            raise ValueError(f"box file {path}: box {i} is {box!r}, expected {2 * ndim} numbers (min then max corner) for a {ndim}D image")
-        low, high = box[:ndim], box[ndim:]
-        if any(lo > hi for lo, hi in zip(low, high)):
-            raise ValueError(f"box file {path}: box {i} {box} is empty (a min corner above its max corner)")
-        # a 2D image's x, y index its axes 1, 0; a volume's i, j, k its axes 0, 1, 2
-        sizes = (shape[1], shape[0]) if ndim == 2 else tuple(shape)
-        if any(lo < 0 or hi > size - 1 for lo, hi, size in zip(low, high, sizes)):
-            raise ValueError(f"box file {path}: box {i} {box} lies outside the image (size {list(sizes)} as {'x, y' if ndim == 2 else 'i, j, k'})")
-        if not isinstance(label, int) or label < 1:
-            raise ValueError(f"box file {path}: box {i} has label {label!r}; labels are classes 1, 2, ...")
-        out.append({"box": [float(v) for v in box], "label": label})
-    return out
+def read_box_file(path: str | Path, shape: tuple[int, ...], num_classes: int | None = None) -> list[dict]:
+    """Boxes for one image (shape ``(H, W)``) or volume (``(X, Y, Z)``) from its JSON file; see ``volume_boxes.read_volume_boxes``."""
+    return read_volume_boxes(path, shape, num_classes)

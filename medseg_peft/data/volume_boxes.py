@@ -57,34 +57,41 @@ def box_file_for(image: str | Path, box_dir: str | Path | None = None) -> Path:
 
 
 def read_volume_boxes(path: str | Path, shape: Sequence[int], num_classes: int | None = None) -> list[dict]:
-    """The boxes of one volume of array ``shape`` ``(X, Y, Z)``: ``[{"box": [i1, j1, k1, i2, j2, k2], "label": c}]``.
+    """The boxes of one image or volume from its JSON file, checked against its array ``shape``.
 
-    The volume case of ``medseg_peft.data.box_prompts.read_box_file``, with the same rules and messages
-    (kept here because exported bundles cannot import medseg_peft); ``num_classes`` also bounds the labels.
-    Anything else is a ``ValueError`` of one line that names the file.
+    ``{"boxes": [[x1, y1, x2, y2], ...]}`` for a 2D image of shape ``(H, W)`` (pixels, x along the
+    width), ``{"boxes": [[i1, j1, k1, i2, j2, k2], ...]}`` for a volume of shape ``(X, Y, Z)`` (voxel
+    indices along its stored axes); each entry may instead be ``{"box": [...], "label": class}``
+    (default class 1), and ``num_classes`` bounds the labels. Returns ``[{"box": [...], "label": c}]``;
+    anything else is a ``ValueError`` of one line that names the file. (It lives here, with no import of
+    medseg_peft, because exported bundles carry this module.)
     """
     path = Path(path)
     shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    # a 2D image's x, y index its axes 1, 0; a volume's i, j, k its axes 0, 1, 2
+    sizes, axes = ((shape[1], shape[0]), "x, y") if ndim == 2 else (shape, "i, j, k")
     if not path.is_file():
-        raise ValueError(f"box file {path} does not exist (prompt 'box' reads <volume stem>{BOX_SUFFIX} beside each volume, or in box_dir)")
+        raise ValueError(f"box file {path} does not exist (prompt 'box' reads <image stem>{BOX_SUFFIX} beside each image, or in box_dir)")
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"box file {path} could not be read as JSON: {' '.join(str(err).split())}") from None
     entries = raw.get("boxes") if isinstance(raw, dict) else raw
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"box file {path}: expected {{\"boxes\": [[i1, j1, k1, i2, j2, k2], ...]}} with at least one box")
+        example = "[x1, y1, x2, y2]" if ndim == 2 else "[i1, j1, k1, i2, j2, k2]"
+        raise ValueError(f"box file {path}: expected {{\"boxes\": [{example}, ...]}} with at least one box")
     out = []
     for n, entry in enumerate(entries):
         box, label = (entry.get("box"), entry.get("label", 1)) if isinstance(entry, dict) else (entry, 1)
-        if (not isinstance(box, list) or len(box) != 6
+        if (not isinstance(box, list) or len(box) != 2 * ndim
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
-            raise ValueError(f"box file {path}: box {n} is {box!r}, expected 6 numbers (min then max corner) for a 3D image")
-        low, high = box[:3], box[3:]
+            raise ValueError(f"box file {path}: box {n} is {box!r}, expected {2 * ndim} numbers (min then max corner) for a {ndim}D image")
+        low, high = box[:ndim], box[ndim:]
         if any(lo > hi for lo, hi in zip(low, high)):
             raise ValueError(f"box file {path}: box {n} {box} is empty (a min corner above its max corner)")
-        if any(lo < 0 or hi > size - 1 for lo, hi, size in zip(low, high, shape)):
-            raise ValueError(f"box file {path}: box {n} {box} lies outside the image (size {list(shape)} as i, j, k)")
+        if any(lo < 0 or hi > size - 1 for lo, hi, size in zip(low, high, sizes)):
+            raise ValueError(f"box file {path}: box {n} {box} lies outside the image (size {list(sizes)} as {axes})")
         if not isinstance(label, int) or isinstance(label, bool) or label < 1:
             raise ValueError(f"box file {path}: box {n} has label {label!r}; labels are classes 1, 2, ...")
         if num_classes is not None and label > int(num_classes):
