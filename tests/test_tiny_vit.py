@@ -189,3 +189,14 @@ def test_spt_keeps_tiny_vit_qkv_whole_and_the_unused_head_is_frozen():
     assert roles["sam.image_encoder.head.weight"] == "freeze" and roles["sam.image_encoder.norm_head.weight"] == "freeze"
     assert roles["sam.image_encoder.layers.0.blocks.0.conv2.c.weight"] == "select"  # depthwise 3x3, per output channel
     assert roles["sam.image_encoder.layers.0.blocks.0.conv2.bn.bias"] == "train" and roles["sam.image_encoder.layers.0.blocks.0.conv2.bn.weight"] == "freeze"
+
+
+def test_partial_finds_tiny_vit_blocks_stage_by_stage():
+    from medseg_peft.selection.partial import strategy_names
+
+    net = sam_segmenter("tiny_lite")  # transformer blocks: stage 1 block 0, stage 2 blocks 0-1, stage 3 block 0
+    last = strategy_names(net, "last_blocks:2")
+    assert {n.split(".blocks.")[0][-8:] for n in last} == {"layers.2", "layers.3"}
+    assert not any("layers.2.blocks.0." in n for n in last)  # the last two are stage 2 block 1 and stage 3 block 0
+    first = strategy_names(net, "attn_first_half")
+    assert {n.split(".attn.")[0].split("image_encoder.")[1] for n in first} == {"layers.1.blocks.0", "layers.2.blocks.0"}

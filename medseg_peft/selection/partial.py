@@ -75,8 +75,15 @@ def units_of(model: nn.Module) -> dict[str, list[str]]:
     return {u: units[u] for u in sorted(units, key=order.__getitem__)}
 
 
-def unit_block(unit: str) -> int:
-    return int(UNIT.search(unit + ".").group(2))
+def block_key(name: str, pattern: re.Pattern = BLOCK) -> tuple[str, int] | None:
+    """A block's identity: the path before ``blocks.N`` and N, so TinyViT's ``layers.S.blocks.N`` of different
+    stages are different blocks, ordered stage by stage."""
+    m = pattern.search(name)
+    return (name[: m.start()], int(m.group(2))) if m else None
+
+
+def unit_block(unit: str) -> tuple[str, int]:
+    return block_key(unit + ".", UNIT)
 
 
 def unit_kind(unit: str) -> str:
@@ -118,7 +125,7 @@ def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]
             raise ValueError(f"partial strategy {strategy!r}: N must be in 1..{len(blocks)}; the model has {len(blocks)} blocks")
         else:
             tail = set(blocks[-n:])
-            picked = [x for x in names if (mb := BLOCK.search(x)) and int(mb.group(2)) in tail]
+            picked = [x for x in names if block_key(x) in tail]
     elif strategy == "norm_bias":
         picked = [n for n in names if "norm" in n or n.endswith(".bias")]
     else:
