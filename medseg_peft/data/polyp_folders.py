@@ -1,12 +1,15 @@
-"""Polyp image/mask folders on disk -> MONAI datalists, with every layout problem caught before training.
+"""2D image/mask folders on disk -> MONAI datalists, with every layout problem caught before training.
 
-Two layouts are recognised, by which sub-folders exist:
+The layout is recognised by which sub-folders and file names exist:
 
 * **Kvasir-SEG**: ``<root>/images/*`` and ``<root>/masks/*``. There is no official split, so
   validation is a seeded fraction of the stems (see :func:`split_by_stem`).
 * **PraNet benchmark**: ``<root>/TrainDataset/{images,masks}`` for training and
   ``<root>/TestDataset/<set>/{images,masks}`` for the test sets (Kvasir, CVC-ClinicDB, CVC-ColonDB,
   CVC-300, ETIS-LaribPolypDB). The singular ``image`` / ``mask`` spellings are accepted too.
+* **DRIVE, CVC-ClinicDB, PH2, ISIC, BUSI**, and ``images/`` + ``masks/`` whose masks add a suffix to
+  their image's stem (``case1_mask.png``): see :mod:`medseg_peft.data.layouts_2d`, which says which
+  layout a folder is in and which mask is whose. Like Kvasir-SEG, these are split by a seeded fraction.
 
 Images and masks are paired by file *stem*, never by sorted position: Kvasir ships ``.jpg`` images
 with ``.jpg`` masks, other copies convert masks to ``.png`` and PraNet's test loader accepts ``.tif``;
@@ -43,8 +46,8 @@ def _listing(names: Sequence[str], total: int | None = None) -> str:
     return shown + (f", ... and {total - _SHOW} more" if total > _SHOW else "")
 
 
-def image_files(folder: Path) -> dict[str, Path]:
-    """``{stem: path}`` of the image files in ``folder``.
+def image_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """``{stem: path}`` of the image files (``suffixes``, lower case) in ``folder``.
 
     Hidden files are skipped because macOS archives carry ``._name.jpg`` resource forks next to
     every real image; two files sharing a stem (``a.jpg`` and ``a.png``) are an error, since either
@@ -52,7 +55,7 @@ def image_files(folder: Path) -> dict[str, Path]:
     """
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in suffixes:
             continue
         if p.stem in found:
             raise ValueError(f"{folder}: two files share the stem {p.stem!r} ({found[p.stem].name} and {p.name}); keep one")
@@ -197,20 +200,6 @@ def split_by_stem(items: list[dict], val_fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-def _kvasir_datalists(root: Path, dirs: tuple[Path, Path], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    from medseg_peft.data.folder_layouts import mask_suffix, pair_keys
-
-    images, masks = image_files(dirs[0]), image_files(dirs[1])
-    suffix = mask_suffix(images, masks)
-    if suffix:  # images/case1.png with masks/case1_mask.png
-        log.info("%s: masks are named <image stem>%s", root, suffix)
-        items = pair_keys(root, images, {stem[: -len(suffix)]: p for stem, p in masks.items()}, f"images/ + masks/*{suffix}")
-    else:
-        items = pair_by_stem(*dirs)
-    check_pairs(items)
-    return split_by_stem(items, val_fraction, seed)
-
-
 def _pranet_datalists(root: Path, val_fraction: float, seed: int, val_sets: Sequence[str] | None) -> tuple[list[dict], list[dict]]:
     train_root = root / PRANET_TRAIN_DIR
     train_dirs = _image_mask_dirs(train_root)
@@ -246,10 +235,11 @@ def polyp_datalists(
 ) -> tuple[list[dict], list[dict]]:
     """``(train, val)`` datalists of ``{"image": path, "label": path, "name": stem}`` dicts.
 
-    Kvasir layout: a seeded ``val_fraction`` of the stems is validation. PraNet layout: train is
-    ``TrainDataset``; val is the named ``val_sets`` under ``TestDataset`` (default: every set there),
-    each item tagged with ``"set": name`` so scores can be reported per set. ``val_fraction`` and
-    ``seed`` only matter for the PraNet layout when it has no ``TestDataset``.
+    PraNet layout: train is ``TrainDataset``; val is the named ``val_sets`` under ``TestDataset``
+    (default: every set there), each item tagged with ``"set": name`` so scores can be reported per set;
+    ``val_fraction`` and ``seed`` only matter when it has no ``TestDataset``. Every other layout
+    (:data:`medseg_peft.data.layouts_2d.LAYOUTS`: Kvasir-SEG, DRIVE, CVC-ClinicDB, PH2, ISIC, BUSI) is
+    one pool of pairs, a seeded ``val_fraction`` of which is validation.
     """
     root = Path(dataset_dir).expanduser()
     if not root.exists():
@@ -258,23 +248,20 @@ def polyp_datalists(
         raise NotADirectoryError(f"polyp dataset path {root} is a file; pass the folder that holds images/ and masks/")
     if (root / PRANET_TRAIN_DIR).is_dir():
         return _pranet_datalists(root, val_fraction, seed, val_sets)
-    dirs = _image_mask_dirs(root)
-    if dirs is not None:
-        if val_sets is not None:
-            raise ValueError(f"{root} has the Kvasir layout (images/, masks/), which has no named test sets; drop val_sets={val_sets!r}")
-        return _kvasir_datalists(root, dirs, val_fraction, seed)
-    from medseg_peft.data.folder_layouts import LAYOUTS, other_layout_pairs
+    from medseg_peft.data.layouts_2d import LAYOUTS, which_layout  # it builds on this module's pairing
 
-    found_layout = other_layout_pairs(root)
-    if found_layout is not None:
-        if val_sets is not None:
-            raise ValueError(f"{root} has the {found_layout[0]} layout, which has no named test sets; drop val_sets={val_sets!r}")
-        log.info("%s: %s layout, %d image / mask pairs", root, *found_layout[:1], len(found_layout[1]))
-        check_pairs(found_layout[1])
-        return split_by_stem(found_layout[1], val_fraction, seed)
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    raise FileNotFoundError(
-        f"{root} has no known layout: expected 'images/' and 'masks/' (Kvasir-SEG, or masks named <stem><suffix>), "
-        f"'{PRANET_TRAIN_DIR}/{{images,masks}}' with '{PRANET_TEST_DIR}/<set>/{{images,masks}}' (PraNet), or the "
-        f"{', '.join(LAYOUTS)} layouts; found sub-folders {found or 'none'}"
-    )
+    layout = which_layout(root)
+    if layout is None:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        others = "; ".join(f"{lay.name} ({lay.folders})" for lay in LAYOUTS if lay.name != "Kvasir")
+        raise FileNotFoundError(
+            f"{root} has no known layout: expected 'images/' and 'masks/' (Kvasir-SEG; masks named <stem> or <stem><suffix>), "
+            f"'{PRANET_TRAIN_DIR}/{{images,masks}}' with '{PRANET_TEST_DIR}/<set>/{{images,masks}}' (PraNet), or "
+            f"{others}; found sub-folders {found or 'none'}"
+        )
+    if val_sets is not None:
+        raise ValueError(f"{root} has the {layout.name} layout ({layout.folders}), which has no named test sets; drop val_sets={val_sets!r}")
+    items = layout.pairs(root)
+    log.info("%s: %s layout, %d image / mask pairs", root, layout.name, len(items))
+    check_pairs(items)
+    return split_by_stem(items, val_fraction, seed)
