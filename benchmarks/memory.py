@@ -114,36 +114,45 @@ def counted_step(model, x, y, loss_fn=seg_loss, **inputs) -> tuple[torch.Tensor,
             seen.add(ptr)
             total += t.untyped_storage().nbytes()
 
+    ignored = [0]
+
     def pack(t):
-        count(t)
+        if not ignored[0]:
+            count(t)
         return t
 
     def kept(module, args) -> bool:
-        """A checkpoint keeps its inputs (and selective checkpointing its cache) only if backward reaches inside the
-        block: a parameter or an input of it requires grad (not so a frozen TinyViT stage 0 under LoRA)."""
+        """Whether backward reaches inside a block: a parameter or an input of it requires grad. Not so, e.g., for
+        TinyViT's stage 0 under LoRA or the decoder baseline's whole encoder."""
         return any(p.requires_grad for p in module.parameters()) or any(torch.is_tensor(a) and a.requires_grad for a in args)
 
-    def count_inputs(module, args) -> None:
-        if kept(module, args):
+    inside_selective = [0]
+    entered: list[tuple[bool, bool]] = []
+
+    def enter(module, args):
+        """A checkpointed block keeps its input to recompute from (selective checkpointing also the matmul outputs
+        it caches), unless backward never reaches inside it: then what the checkpoint saves is freed with the
+        forward, and nothing else inside is saved."""
+        keep, selective = kept(module, args), is_checkpointed(module) == "selective"
+        entered.append((keep, selective))
+        if keep:
             for a in args:
                 if torch.is_tensor(a):
                     count(a)
-
-    inside_selective = [0]
-    entered: list[int] = []
-
-    def enter(module, args):
-        entered.append(int(kept(module, args)))
-        inside_selective[0] += entered[-1]
+            inside_selective[0] += selective
+        else:
+            ignored[0] += 1
 
     def leave(module, args, output):
-        inside_selective[0] -= entered.pop()
+        keep, selective = entered.pop()
+        if keep:
+            inside_selective[0] -= selective
+        else:
+            ignored[0] -= 1
 
     handles = []
     for _, block in transformer_blocks(model):
-        if "forward" in vars(block):  # checkpointed: its input is kept to recompute from
-            handles.append(block.register_forward_pre_hook(count_inputs))
-        if is_checkpointed(block) == "selective":  # and the matmul outputs selective checkpointing caches
+        if "forward" in vars(block):  # checkpointed
             handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _CountOutputs(matmul_ops(), count, inside_selective):
