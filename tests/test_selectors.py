@@ -145,8 +145,8 @@ def test_bad_selector_arguments(vit, vit_batches):
         mp.FPS(k=0)
     with pytest.raises(ValueError, match="GPS loss must be"):
         mp.GPS(loss="hinge")
-    with pytest.raises(ValueError, match="larger than the 32 entries per row"):
-        mp.FPS(k=33).select(vit, vit_batches)
+    wide = mp.FPS(k=33).select(vit, vit_batches)  # rows of 32 entries: K = 33 takes them whole
+    assert wide["blocks.0.attn.qkv.weight"].layout == "whole"
     with pytest.raises(ValueError, match="unknown eligibility preset"):
         mp.FPS(k=1, eligibility="resnet").select(vit, vit_batches)
     with pytest.raises(ValueError, match="batches are empty"):

@@ -1,7 +1,7 @@
 """Selection: which entries of a pre-trained model to train (scoring methods + shared choosing rules)."""
 
 from medseg_peft.selection.base import ScoredSelector, Selector
-from medseg_peft.selection.eligibility import PRESETS, always_trained, assign_roles, is_sam
+from medseg_peft.selection.eligibility import PRESETS, always_trained, assign_roles, is_sam, is_tiny_vit
 from medseg_peft.selection.decoder import Decoder
 from medseg_peft.selection.fps import FPS
 from medseg_peft.selection.full import Full
@@ -15,4 +15,4 @@ from medseg_peft.selection.selection import Entries, Selection
 from medseg_peft.selection.supcon import supcon_loss
 
 __all__ = ["Decoder", "Entries", "FPS", "Full", "GPS", "LoRA", "METHODS", "PRESETS", "Partial", "SPT", "ScoredSelector", "Selection", "Selector",
-           "always_trained", "assign_roles", "global_top", "is_sam", "selector", "settings_of", "supcon_loss", "topk_per_row"]
+           "always_trained", "assign_roles", "global_top", "is_sam", "is_tiny_vit", "selector", "settings_of", "supcon_loss", "topk_per_row"]

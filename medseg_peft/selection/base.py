@@ -156,8 +156,9 @@ class ScoredSelector(Selector):
     """A method that scores entries from data (:meth:`statistics`, :meth:`scores`), then chooses (:meth:`choose`).
 
     Args:
-        eligibility: a preset name (``"vit"``, ``"sam"``), ``"auto"`` (``"sam"`` when the model has an
-            ``image_encoder``, else ``"vit"``) or a list of rules (see ``selection.eligibility``).
+        eligibility: a preset name (``"vit"``, ``"sam"``, ``"sam_tiny_vit"``), ``"auto"`` (``"sam_tiny_vit"``
+            for a SAM with a TinyViT encoder, ``"sam"`` for any other model with an ``image_encoder``, else
+            ``"vit"``) or a list of rules (see ``selection.eligibility``).
         max_batches: use at most this many batches from ``batches`` (``None``: all of them).
     """
 

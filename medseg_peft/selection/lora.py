@@ -1,9 +1,10 @@
 """LoRA, the baseline most users already run, behind the same interface as the selection methods.
 
 Chooses nothing from data: a rank-``r`` branch on every weight whose name matches ``targets`` (by
-default the fused ``qkv`` projection of every transformer block: SAM's image encoder, or a timm
-ViT), plus the parts every method here trains whole (SAM's prompt encoder and mask decoder, a ViT's
-head). Its Selection, delta file, merge and unmerge are those of every other method, so tables compare
+default the fused ``qkv`` projection of every transformer block: SAM's ViT or TinyViT image encoder,
+or a timm ViT), plus the parts every method here trains whole (SAM's prompt encoder and mask decoder,
+a ViT's head). A branch spans every output row of the weight it sits beside, so a fused ``qkv`` needs
+no known layout of its q, k and v rows (TinyViT's are interleaved per head). Its Selection, delta file, merge and unmerge are those of every other method, so tables compare
 selection against LoRA on equal terms.
 """
 

@@ -13,13 +13,22 @@ whether larger or smaller angles are preferred, are our reading of it; the names
 attention-only / FFN-only / first-half / last-half families, plus ``last_blocks:N``, ``norm_bias`` and
 free glob lists.
 
-Units. A unit is every parameter under ``blocks.N.attn.`` or ``blocks.N.mlp.`` (found by the regex
-``(^|\\.)blocks\\.(\\d+)\\.(attn|mlp)\\.``), so the same names work on a timm ViT (``blocks.N.attn.qkv``,
-``.proj``; ``blocks.N.mlp.fc1``, ``.fc2``) and on SAM's image encoder (``...image_encoder.blocks.N.attn.qkv``,
-``.proj``, **and the relative-position tables** ``rel_pos_h`` / ``rel_pos_w``, which live in SAM's
-attention module and are trained with it; ``...mlp.lin1``, ``.lin2``). Weights and biases both belong to
-the unit; the blocks' LayerNorms (``norm1``, ``norm2``) and layer-scale gammas do not (they are in
-``last_blocks:N`` and, norms, in ``norm_bias``).
+Units. A unit is every parameter under ``blocks.N.attn.`` or ``blocks.N.mlp.``, so the same names work
+on a timm ViT (``blocks.N.attn.qkv``, ``.proj``; ``blocks.N.mlp.fc1``, ``.fc2``) and on SAM's image encoder
+(``...image_encoder.blocks.N.attn.qkv``, ``.proj``, **and the relative-position tables** ``rel_pos_h`` /
+``rel_pos_w``, which live in SAM's attention module and are trained with it; ``...mlp.lin1``, ``.lin2``).
+Weights and biases both belong to the unit; the blocks' LayerNorms (``norm1``, ``norm2``) and layer-scale
+gammas do not (they are in ``last_blocks:N`` and, norms, in ``norm_bias``).
+
+A TinyViT encoder (MobileSAM, LiteMedSAM) has stages: a block is ``layers.S.blocks.N``, told apart and
+ordered stage by stage. Its attention unit holds ``qkv``, ``proj`` and the attention-bias tables (its
+position encoding, as SAM's ``rel_pos`` tables), not the pre-norm ``attn.norm`` (nor the MLP unit its
+``mlp.norm``), as a ViT's ``norm1`` stays out. Its layers that are neither attention nor MLP are
+``conv`` units, so the angle metric can rank them too: each block's ``local_conv`` and each stage-0
+MBConv block (its three convolutions with their BatchNorms, one layer of the inverted residual). The
+``attn`` / ``ffn`` strategies and their halves count only the blocks that have such a unit;
+``last_blocks:N`` counts every block, MBConv ones included. The patch mergings between stages are no
+block.
 
 Always trained (``train_head=True``, the default, as GPS does): a classifier's ``head.*``, or, for a
 model with an ``image_encoder``, everything outside the image encoder (SAM's prompt encoder and
@@ -47,47 +56,68 @@ from torch import nn
 
 from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.distributed import average_gradients
-from medseg_peft.selection.eligibility import always_trained
+from medseg_peft.selection.eligibility import UNUSED_HEAD, always_trained
 from medseg_peft.selection.base import Selector, check_max_batches, model_device, seeded, settings_dataclass
 from medseg_peft.selection.rules import check_positive_int
 from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 log = logging.getLogger("medseg_peft")
 
-UNIT = re.compile(r"(^|\.)blocks\.(\d+)\.(attn|mlp)\.")
-BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
+# a block: "...blocks.<i>." (timm ViT, SAM's ViT) or "...layers.<s>.blocks.<i>." (TinyViT: block i of stage s)
+BLOCK = re.compile(r"(^|\.)(?:layers\.(\d+)\.)?blocks\.(\d+)\.")
+# a block's layer that is a unit: attention and MLP (the paper's), TinyViT's local depthwise convolution
+SUBLAYER = re.compile(r"(attn|local_conv|mlp)\.")
+MBCONV = re.compile(r"conv\d+\.")  # a TinyViT stage-0 block (MBConv) is convolutions only: one unit
+KIND_OF = {"attn": "attn", "local_conv": "conv", "mlp": "mlp"}
+KIND_ORDER = {"attn": 0, "conv": 1, "mlp": 2}  # within a block, as the layers run
 STRATEGIES = ("attn", "ffn", "attn_first_half", "attn_last_half", "ffn_first_half", "ffn_last_half", "last_blocks:N", "norm_bias")
 ORDERS = ("largest", "smallest")
 _GLOB_CHARS = set("*?[")
 
 
-def units_of(model: nn.Module) -> dict[str, list[str]]:
-    """``{unit: [parameter names]}``, the unit named by its module path (``"blocks.3.attn"``,
-    ``"sam.image_encoder.blocks.3.mlp"``), in block order, attention before MLP."""
-    units: dict[str, list[str]] = {}
+def block_key(name: str) -> tuple[str, int, int] | None:
+    """A block's identity and place: the path before it, its stage (-1 without stages) and its index, so
+    TinyViT's ``layers.S.blocks.N`` of different stages are different blocks, ordered stage by stage."""
+    m = BLOCK.search(name)
+    return (name[: m.start()], -1 if m.group(2) is None else int(m.group(2)), int(m.group(3))) if m else None
+
+
+def unit_of(name: str) -> tuple[str, str] | None:
+    """``(unit, kind)`` of a parameter (kind ``attn``, ``mlp`` or ``conv``), or None outside every unit.
+
+    A LayerNorm inside TinyViT's attention or MLP (``attn.norm``, ``mlp.norm``) is no part of the unit,
+    as a ViT's ``norm1`` / ``norm2`` in front of them are not."""
+    m = BLOCK.search(name)
+    if not m:
+        return None
+    rest = name[m.end():]
+    if sub := SUBLAYER.match(rest):
+        if rest[sub.end():].startswith("norm."):
+            return None
+        return name[: m.end() + sub.end() - 1], KIND_OF[sub.group(1)]
+    if MBCONV.match(rest):
+        return name[: m.end() - 1], "conv"
+    return None
+
+
+def _units(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
+    """``{unit: (kind, [parameter names])}`` in block order, a block's units as its layers run."""
+    units: dict[str, tuple[str, list[str]]] = {}
     order: dict[str, tuple] = {}
     for name, _ in model.named_parameters():
-        m = UNIT.search(name)
-        if m:
-            unit = name[: m.end() - 1]
-            units.setdefault(unit, []).append(name)
-            order[unit] = (name[: m.start()], int(m.group(2)), m.group(3) != "attn")
+        found = unit_of(name)
+        if found:
+            unit, kind = found
+            units.setdefault(unit, (kind, []))[1].append(name)
+            order[unit] = (*block_key(name), KIND_ORDER[kind])
     return {u: units[u] for u in sorted(units, key=order.__getitem__)}
 
 
-def block_key(name: str, pattern: re.Pattern = BLOCK) -> tuple[str, int] | None:
-    """A block's identity: the path before ``blocks.N`` and N, so TinyViT's ``layers.S.blocks.N`` of different
-    stages are different blocks, ordered stage by stage."""
-    m = pattern.search(name)
-    return (name[: m.start()], int(m.group(2))) if m else None
-
-
-def unit_block(unit: str) -> tuple[str, int]:
-    return block_key(unit + ".", UNIT)
-
-
-def unit_kind(unit: str) -> str:
-    return UNIT.search(unit + ".").group(3)
+def units_of(model: nn.Module) -> dict[str, list[str]]:
+    """``{unit: [parameter names]}``, the unit named by its module path (``"blocks.3.attn"``,
+    ``"sam.image_encoder.blocks.3.mlp"``, TinyViT's ``"...layers.1.blocks.0.local_conv"`` and MBConv block
+    ``"...layers.0.blocks.1"``), in block order, attention before MLP."""
+    return {u: names for u, (_, names) in _units(model).items()}
 
 
 def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]:
@@ -104,21 +134,21 @@ def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]
             raise ValueError(f"partial strategy globs {globs} match no parameter (names look like {names[:3]})")
         return picked
 
-    units = units_of(model)
-    blocks = sorted({unit_block(u) for u in units})
-    half = len(blocks) // 2  # an odd depth puts the middle block in the last half
+    units = _units(model)
     kinds = {"attn": "attn", "ffn": "mlp"}
     m_half = re.fullmatch(r"(attn|ffn)_(first|last)_half", strategy)
     m_last = re.fullmatch(r"last_blocks:(\d+)", strategy)
     if strategy in kinds:
-        keep = [u for u in units if unit_kind(u) == kinds[strategy]]
-        picked = [n for u in keep for n in units[u]]
+        picked = [n for kind, ns in units.values() if kind == kinds[strategy] for n in ns]
     elif m_half:
+        kind = kinds[m_half.group(1)]
+        blocks = sorted({block_key(ns[0]) for k, ns in units.values() if k == kind})  # the blocks that have one
+        half = len(blocks) // 2  # an odd depth puts the middle block in the last half
         chosen = set(blocks[:half] if m_half.group(2) == "first" else blocks[half:])
-        keep = [u for u in units if unit_kind(u) == kinds[m_half.group(1)] and unit_block(u) in chosen]
-        picked = [n for u in keep for n in units[u]]
+        picked = [n for k, ns in units.values() if k == kind and block_key(ns[0]) in chosen for n in ns]
     elif m_last:
         n = int(m_last.group(1))
+        blocks = sorted({key for x in names if (key := block_key(x)) is not None})  # TinyViT's MBConv blocks count
         if not blocks:
             picked = []
         elif n <= 0 or n > len(blocks):
@@ -126,8 +156,8 @@ def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]
         else:
             tail = set(blocks[-n:])
             picked = [x for x in names if block_key(x) in tail]
-    elif strategy == "norm_bias":
-        picked = [n for n in names if "norm" in n or n.endswith(".bias")]
+    elif strategy == "norm_bias":  # a BatchNorm's scale is a norm's; MobileSAM's unused head is left out
+        picked = [n for n in names if not UNUSED_HEAD.search(n) and ("norm" in n or n.endswith((".bias", ".bn.weight")))]
     else:
         raise ValueError(
             f"unknown partial strategy {strategy!r}; known: {list(STRATEGIES)} (N a number), or a list of glob patterns"
@@ -135,7 +165,7 @@ def strategy_names(model: nn.Module, strategy: str | Sequence[str]) -> list[str]
     if not picked:
         raise ValueError(
             f"partial strategy {strategy!r} matches no parameter of this {type(model).__name__} "
-            f"(it looks for blocks.N.attn. / blocks.N.mlp. in names like {names[:3]})"
+            f"(it looks for blocks.N.attn. / blocks.N.mlp. / layers.S.blocks.N. in names like {names[:3]})"
         )
     wanted = set(picked)
     return [n for n in names if n in wanted]
@@ -191,9 +221,9 @@ class Partial(Selector):
             ``"ffn_last_half"``, ``"last_blocks:N"`` (every parameter of the last N blocks),
             ``"norm_bias"`` (every norm parameter and every bias), or a list of glob patterns matched
             (``fnmatch``) against parameter names (one pattern may also be given as a string).
-        angle_top: instead of a strategy, the number of units (a block's attention or MLP) to train,
-            ranked by their angle to ``finetuned`` weights, or after a short probe fine-tune without
-            them. Give exactly one of the two.
+        angle_top: instead of a strategy, the number of units (a block's attention or MLP; TinyViT's
+            convolutions too) to train, ranked by their angle to ``finetuned`` weights, or after a short
+            probe fine-tune without them. Give exactly one of the two.
         finetuned: a run folder (its ``best_delta.safetensors``), a result / delta file of this package,
             or a ``.safetensors`` / ``.pt`` state dict of the fine-tuned model: the paper's angle.
         order: ``"largest"`` (default) or ``"smallest"`` angles first.
@@ -311,7 +341,8 @@ class Partial(Selector):
         (``finetuned``, the paper's metric) or after a short probe (the cheap approximation)."""
         units = units_of(model)
         if self.angle_top > len(units):
-            raise ValueError(f"angle_top={self.angle_top} but the model has only {len(units)} units (attention and MLP per block)")
+            raise ValueError(f"angle_top={self.angle_top} but the model has only {len(units)} units "
+                             "(attention and MLP per block, and TinyViT's convolutions)")
         if self.finetuned is not None:
             self.angles = self.finetuned_angles(model)
             self.ranked_by = f"the fine-tuned model {self.finetuned}"

@@ -4,7 +4,8 @@ Sensitivity of a weight = the sum over selection batches of its squared batch-lo
 (first-order Taylor), in fp32, task loss by default (ziplab/SPT ``engine.py``). Then one global
 budget over every eligible entry: matrices (attention / MLP weights) and vectors (norms, biases)
 compete together. The units are SPT's: q, k and v of a fused ``qkv`` Linear (timm ViT, SAM) are
-three units, row blocks of the one weight (and of its bias), as SPT's ViT has three Linears. Of the
+three units, row blocks of the one weight (and of its bias), as SPT's ViT has three Linears (a
+TinyViT encoder's qkv, whose rows are per head, is one unit; see :func:`units_of`). Of the
 global top-N, a matrix unit holding at least ``cost / alpha`` selected entries gets a structured
 branch instead (LoRA, cost ``rank * (in + out)``, or an adapter), otherwise exactly its selected
 entries are tuned; a vector unit holding at least ``len / beta`` selected entries is tuned whole.
@@ -36,7 +37,7 @@ from torch import nn
 
 from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device, seeded, settings_dataclass
-from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN, is_sam
+from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN, UNUSED_HEAD, auto_preset, in_tiny_vit
 from medseg_peft.selection.rules import check_positive_int, check_rate
 from medseg_peft.selection.selection import ADAPTER, FLAT, LORA, WHOLE, Entries, Selection, branch_cost, row_view_shape
 
@@ -58,11 +59,24 @@ SPT_PRESETS: dict[str, list[dict]] = {
         {"match": r"norm|bias", "max_ndim": 1, "role": SELECT},
         {"role": FREEZE},
     ],
+    # SAM with a TinyViT encoder: spt_sam's rule on TinyViT's parts
+    "spt_sam_tiny_vit": [
+        {"exclude": r"(^|\.)image_encoder\.", "role": TRAIN},
+        # MobileSAM's ImageNet head sees no input
+        {"match": UNUSED_HEAD.pattern, "role": FREEZE},
+        # patch embedding, position tables (TinyViT's attention_biases) and neck frozen, as spt_sam's
+        {"match": r"patch_embed|attention_biases|neck", "role": FREEZE},
+        # the transformer blocks' Linears (qkv, proj, fc1, fc2); convolutions (MBConv, patch merging, local
+        # depthwise) are no SPT unit, as spt_sam's patch embedding is not: its branches sit beside Linears
+        {"match": r"(^|\.)blocks\.\d+\.(attn|mlp)\.\w+\.weight$", "min_ndim": 2, "role": SELECT},
+        # every norm / bias vector, a BatchNorm's scale and shift included
+        {"match": r"norm|bias|\.bn\.weight$", "max_ndim": 1, "role": SELECT},
+        {"role": FREEZE},
+    ],
 }
 
 
 FUSED_QKV = re.compile(r"(^|\.)qkv\.(weight|bias)$")
-HEAD_INTERLEAVED_QKV = re.compile(r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.qkv\.(weight|bias)$")  # TinyViT
 ATTENTION_PROJ = re.compile(r"(^|\.)attn\.proj\.weight$")
 CLS_TOKEN = re.compile(r"(^|\.)cls_token$")
 STRUCTURED = {"lora": LORA, "adapter": ADAPTER}
@@ -72,11 +86,12 @@ REFERENCE_STEP = 20_000  # ziplab/SPT engine.py sweeps the top count in 0.02 M s
 def units_of(name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int]]:
     """SPT's units of one tensor as ``(unit name, first row, stop row)``: q / k / v of a fused qkv, else the tensor.
 
-    TinyViT's fused qkv (``layers.N.blocks.M.attn.qkv``) lays its rows out per head (q, k, v of head 0,
-    then of head 1, ...), so no row block is "the queries": it stays one unit.
+    A TinyViT encoder's fused qkv stays one unit: its rows are laid out per head (q, k, v of head 0,
+    then of head 1, ...), so no block of rows holds "the queries", and a unit of interleaved rows would
+    need a branch over scattered rows, which ``Entries`` (one branch per contiguous row block) does not have.
     """
     rows = shape[0]
-    if FUSED_QKV.search(name) and not HEAD_INTERLEAVED_QKV.search(name) and rows % 3 == 0:
+    if FUSED_QKV.search(name) and not in_tiny_vit(name) and rows % 3 == 0:
         d = rows // 3
         return [(f"{name}[{part}]", i * d, (i + 1) * d) for i, part in enumerate("qkv")]
     return [(name, 0, rows)]
@@ -130,7 +145,8 @@ class SPT(ScoredSelector):
         dropout, drop_path: the branches' regularisation while training (reference 0.1 and 0.1; no
             dropout on the attention projection's branch, as in the reference).
         loss: ``"ce"`` or a callable ``(outputs, targets) -> loss`` (the task loss).
-        eligibility: ``"auto"`` picks ``"spt_sam"`` for SAM models, else ``"spt_vit"``; or a rule list.
+        eligibility: ``"auto"`` picks ``"spt_sam_tiny_vit"`` for a SAM with a TinyViT encoder, ``"spt_sam"``
+            for other SAM models, else ``"spt_vit"``; or a rule list.
     """
 
     method = "spt"
@@ -167,7 +183,7 @@ class SPT(ScoredSelector):
 
     def rules(self, model: nn.Module) -> str | Sequence[Mapping]:
         if self.eligibility == "auto":
-            return SPT_PRESETS["spt_sam" if is_sam(model) else "spt_vit"]
+            return SPT_PRESETS[f"spt_{auto_preset(model)}"]
         if isinstance(self.eligibility, str):
             return SPT_PRESETS.get(self.eligibility, self.eligibility)
         return self.eligibility

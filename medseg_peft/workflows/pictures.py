@@ -2,10 +2,12 @@
 
 ``draw_selection`` shows where a :class:`~medseg_peft.selection.Selection` puts its trainable entries:
 a heat map with one row per transformer block (parsed from ``blocks.<i>.`` in the parameter names, so
-SAM's ``image_encoder.blocks.N`` and timm's ``blocks.N`` alike) and one column per kind of weight
-(attention, MLP, bias, norm, other), coloured by the fraction of that block's entries of that kind which
-train; below it, a bar per kind and per part outside the blocks (SAM's neck, prompt encoder and mask
-decoder, a ViT's head, patch embedding, tokens) with its count of trained entries.
+SAM's ``image_encoder.blocks.N`` and timm's ``blocks.N`` alike; a TinyViT encoder's
+``layers.<s>.blocks.<i>.`` give rows "stage s block i", its stage-0 MBConv blocks included) and one
+column per kind of weight (attention, MLP, conv, bias, norm, other), coloured by the fraction of that
+block's entries of that kind which train; below it, a bar per kind and per part outside the blocks
+(SAM's neck, prompt encoder and mask decoder, a ViT's head, patch embedding, tokens, TinyViT's patch
+mergings "merge after stage s") with its count of trained entries.
 
 ``draw_training_curve`` plots the mean training loss and the validation metrics per epoch.
 
@@ -49,11 +51,12 @@ def block_label(block: tuple[int, int]) -> str:
 
 
 def kind_of(name: str) -> str:
-    """attention / mlp / bias / norm / other, for a parameter inside a transformer block.
+    """attention / mlp / conv / bias / norm / other, for a parameter inside a transformer block.
 
-    Norms first (their weight and bias are one kind: what LayerNorm tuning trains), then every other bias
-    (what BitFit trains), then the weights by the module they sit in (SAM's relative position tables are
-    attention's)."""
+    Norms first (their weight and bias are one kind: what LayerNorm tuning trains; a BatchNorm's scale
+    too), then every other bias (what BitFit trains; a BatchNorm's shift, the bias of TinyViT's bias-free
+    convolutions), then the weights by the module they sit in (SAM's relative position tables and
+    TinyViT's attention-bias tables are attention's; TinyViT's MBConv and local convolutions are conv)."""
     parts = name.split(".")
     module = parts[-2] if len(parts) > 1 else ""
     if "norm" in module or module == "bn" and parts[-1] == "weight" or re.fullmatch(r"ln_?\d*", module):
