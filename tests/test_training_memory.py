@@ -135,6 +135,24 @@ def _seg_loss(out, y):
     return F.binary_cross_entropy_with_logits(out, y)
 
 
+def _same_step_less_saved(plain, ckpt, x, y) -> None:
+    """One training step of each: the same loss and gradients, and fewer bytes saved with checkpointing."""
+    results = []
+    for model in (plain, ckpt):
+        model.train()
+        for p in mp.trainable_parameters(model):
+            p.grad = None
+        torch.manual_seed(0)  # the same dropout / drop-path draws in both runs (SPT's branches)
+        loss, saved = _saved_bytes(lambda: _seg_loss(model(x), y))
+        loss.backward()
+        results.append((loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in mp.trainable_parameters(model)], saved))
+    (loss_p, grads_p, saved_p), (loss_c, grads_c, saved_c) = results
+    assert torch.equal(loss_p, loss_c)
+    for a, b in zip(grads_p, grads_c):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert saved_c < saved_p
+
+
 @pytest.mark.parametrize("mode", [True, "selective"])
 @pytest.mark.parametrize("method", ["fps", "lora", "spt_adapter", "compact"])
 def test_checkpointing_gives_the_same_loss_and_gradients(method, mode, vit, vit_batches):
@@ -153,20 +171,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(method, mode, vit, vit_
             a.normal_(0, 0.02)
             b.copy_(a)
     mp.activation_checkpointing(ckpt, mode)
-    results = []
-    for model in (plain, ckpt):
-        model.train()
-        for p in mp.trainable_parameters(model):
-            p.grad = None
-        torch.manual_seed(0)  # the same dropout / drop-path draws in both runs (SPT's branches)
-        loss, saved = _saved_bytes(lambda: _seg_loss(model(x), y))
-        loss.backward()
-        results.append((loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in mp.trainable_parameters(model)], saved))
-    (loss_p, grads_p, saved_p), (loss_c, grads_c, saved_c) = results
-    assert torch.equal(loss_p, loss_c)
-    for a, b in zip(grads_p, grads_c):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert saved_c < saved_p  # the blocks' insides are recomputed, not kept (selective: cached outside these hooks)
+    _same_step_less_saved(plain, ckpt, x, y)  # the blocks' insides are recomputed, not kept (selective: cached outside these hooks)
     # the base is untouched by the second forward of each block, and evaluation takes the plain path
     if method != "spt_adapter":
         mp.merge(ckpt), mp.merge(plain)
@@ -273,19 +278,7 @@ def test_tiny_vit_checkpointing_gives_the_same_loss_and_gradients(method, mode):
     wrapped = {type(m) for m in ckpt.modules() if "forward" in vars(m)}
     assert wrapped == {MBConv, TinyViTBlock}  # every block of every stage; the patch mergings stay plain
     assert not any("forward" in vars(m) for m in ckpt.modules() if isinstance(m, PatchMerging))
-    results = []
-    for model in (plain, ckpt):
-        model.train()
-        for p in mp.trainable_parameters(model):
-            p.grad = None
-        loss, saved = _saved_bytes(lambda: _seg_loss(model(x), y))
-        loss.backward()
-        results.append((loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in mp.trainable_parameters(model)], saved))
-    (loss_p, grads_p, saved_p), (loss_c, grads_c, saved_c) = results
-    assert torch.equal(loss_p, loss_c)
-    for a, b in zip(grads_p, grads_c):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert saved_c < saved_p
+    _same_step_less_saved(plain, ckpt, x, y)
     # BatchNorm statistics stay the pre-trained ones through the recomputed forward
     for (n, a), b in zip(plain.named_buffers(), ckpt.buffers()):
         assert torch.equal(a, b), n
