@@ -1,4 +1,4 @@
-"""The reliability probes of issue 13, each reproduced on the tiny model and the new behaviour asserted."""
+"""Reliability probes: each fault reproduced on the tiny model, and the behaviour that handles it asserted."""
 
 import json
 import os

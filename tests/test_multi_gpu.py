@@ -7,6 +7,7 @@ the union of the ranks' batches; the bundle tests run ``torchrun -m monai.bundle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,7 +186,7 @@ def test_killed_two_process_run_resumes_with_the_same_selection(tmp_path, tmp_pa
     env, out = _env(tmp_path_factory), tmp_path / "run"
     settings = {**POLYP, "synthetic_images": 48, "output_dir": out}
     proc = subprocess.Popen(_torchrun_command(["polyp_fps.json", "multi_gpu.json"], **{**settings, "epochs": 50}),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not list((out / "checkpoints").glob("*.pt")) and time.time() < deadline and proc.poll() is None:
@@ -193,7 +194,8 @@ def test_killed_two_process_run_resumes_with_the_same_selection(tmp_path, tmp_pa
     finally:
         proc.send_signal(signal.SIGTERM)  # as a scheduler stops a job: torchrun stops its workers
         proc.wait(timeout=120)
-        subprocess.run(["pkill", "-KILL", "-f", f"output_dir {out}"])  # no worker may outlive the test
+        with contextlib.suppress(ProcessLookupError):  # no worker of this run (its own process group) may outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
     selection_bytes = (out / "selection.safetensors").read_bytes()
     epoch = int(json.loads((out / "metrics.json").read_text())["history"][-1]["epoch"])
     assert epoch < 50  # the run was interrupted
