@@ -41,6 +41,7 @@ from monai.transforms import (
 )
 
 from medseg_peft.data.box_prompts import BoxesFromMaskd, medsam_jitter
+from medseg_peft.data.volume_boxes import PROMPTS
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
 _MASK_MODES_TO_GREY = {"1", "P", "PA", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa"}
@@ -108,7 +109,6 @@ class PadBottomRightd(MapTransform):
 
 
 RESIZES = ("square", "longest_side")
-PROMPTS = ("none", "box")
 
 
 def polyp_transforms(image_size: int, train: bool, resize: str = "square", prompt: str = "none", augment: bool = True) -> Compose:

@@ -17,6 +17,11 @@ RESIZES = ("square", "longest_side")
 EMPTY_LOGIT = -20.0  # an output channel no box asks for: sigmoid(-20) ~ 2e-9, nothing predicted
 
 
+def is_padding(boxes: torch.Tensor) -> torch.Tensor:
+    """Which rows of ``[..., 4 | 5]`` boxes are padding (every coordinate negative), not boxes."""
+    return (boxes[..., :4] < 0).all(-1)
+
+
 class SamSegmenter(nn.Module):
     """Semantic segmentation with SAM: an image batch in, ``num_outputs`` mask logits out at its resolution.
 
@@ -137,13 +142,13 @@ class SamSegmenter(nn.Module):
             raise ValueError(f"boxes must be [B, 4], [B, N, 4] or [B, N, 5] (xyxy[, channel]), got shape {tuple(boxes.shape)}")
         boxes = boxes.to(torch.float32)
         scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], device=boxes.device)
-        padding = (boxes[..., :4] < 0).all(-1, keepdim=True)
+        padding = is_padding(boxes)[..., None]
         xyxy = torch.where(padding, boxes[..., :4], boxes[..., :4] * scale)
         return torch.cat([xyxy, boxes[..., 4:]], dim=-1)
 
     def _decode_boxes(self, embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """One image's boxes ``[N, 4|5]`` -> ``[1, num_outputs, h, w]`` low-resolution logits, each channel the union of its boxes."""
-        valid = boxes[~(boxes[:, :4] < 0).all(-1)]
+        valid = boxes[~is_padding(boxes)]
         side = embedding.shape[-1] * 4
         out = embedding.new_full((1, self.num_outputs, side, side), EMPTY_LOGIT)
         if valid.shape[0] == 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PROMPTS = ("none", "box")
+from medseg_peft.data.volume_boxes import PROMPTS  # the one list, carried by exported bundles too
 
 
 def check_prompt(prompt: str) -> str:
