@@ -23,8 +23,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str | N
     ``suffix`` is the temporary's (writers that pick a format by file name, e.g. ``.nii.gz``, need the
     target's); ``fsync`` puts the bytes on disk before the rename (checkpoints)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except PermissionError as err:  # a folder made read-only (or a full quota) during a run: say which one
+        raise PermissionError(f"{path.parent} is no longer writable ({err.strerror}): {path.name} cannot be written; "
+                              "make the folder writable and run again to resume") from err
     os.close(fd)
     try:
         write(tmp)

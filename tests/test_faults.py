@@ -194,7 +194,8 @@ def test_the_cause_is_the_last_line_a_user_sees(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert done.returncode != 0
-    assert "nowhere does not exist" in lines[-2] and lines[-2].startswith("medseg-peft: FileNotFoundError")
+    assert len(lines) == 1 or "Traceback" not in done.stderr
+    assert "nowhere does not exist" in lines[-1] and lines[-1].startswith("medseg-peft: FileNotFoundError")
     assert "Traceback" not in done.stderr  # kept at DEBUG; MEDSEG_PEFT_TRACEBACK=1 shows it
 
 
@@ -378,3 +379,131 @@ def test_a_damaged_result_file_is_named(tmp_path):
     bad.write_bytes(b"\x07\x00garbage")
     with pytest.raises(ValueError, match=f"result file {bad} is not a readable safetensors file"):
         load_tuned(demo_segmenter(64), bad)
+
+
+# 9. what defines the data is part of the folder's settings
+def test_a_rerun_on_another_split_stops_instead_of_resuming(tmp_path):
+    out = tmp_path / "run"
+    run_workflow("polyp_fps.json", output_dir=str(out), **TINY)
+    recorded = json.loads((out / "run.json").read_text())
+    assert {"split", "val_fraction", "image_size", "prompt"} <= set(recorded) and recorded["val_fraction"] == 0.2
+    with pytest.raises(Exception) as info:
+        run_workflow("polyp_fps.json", output_dir=str(out), **{**TINY, "val_fraction": 0.5})
+    message = error_chain(info.value)
+    assert "holds a run made with other settings" in message and "split:" in message and "val_fraction: 0.2 in the folder, 0.5 now" in message
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1]  # the old run untouched
+
+
+def test_the_split_fingerprint_follows_the_items_not_their_order():
+    from medseg_peft.workflows import data_fingerprint
+
+    a = {"train": [{"name": "a"}, {"name": "b"}], "val": [{"name": "c"}]}
+    assert data_fingerprint(a) == data_fingerprint({"train": [{"name": "b"}, {"name": "a"}], "val": [{"name": "c"}]})
+    assert data_fingerprint(a) != data_fingerprint({"train": [{"name": "a"}], "val": [{"name": "b"}, {"name": "c"}]})
+
+
+# 10. a SAM variant is always checked, and never silently replaced by the demo model
+def test_a_variant_without_weights_is_refused_unless_random_weights_are_asked_for(tmp_path):
+    from medseg_peft.models.sam import build_sam
+    from medseg_peft.workflows import polyp_network
+
+    with pytest.raises(ValueError, match="unknown SAM variant 'vit_x'"):
+        polyp_network(None, "vit_x")
+    with pytest.raises(ValueError, match="sam_variant='tiny' was given without a sam_checkpoint"):
+        polyp_network(None, "tiny")
+    with pytest.raises(ValueError, match="needs a sam_variant"):
+        polyp_network("random", None)
+    assert polyp_network("random", "tiny").variant == "tiny"
+    assert polyp_network(None, None).variant == "demo"
+    ckpt = tmp_path / "tiny_lite.pth"
+    torch.save(build_sam("tiny_lite").state_dict(), ckpt)
+    assert polyp_network(str(ckpt), None).variant == "tiny_lite"  # read off the weights
+    with pytest.raises(ValueError, match="is a tiny_lite SAM, but sam_variant='tiny'"):
+        polyp_network(str(ckpt), "tiny")
+
+
+def test_the_report_records_the_variant_that_ran(tmp_path):
+    out = tmp_path / "run"
+    run_workflow("polyp_fps.json", output_dir=str(out), **TINY)
+    assert json.loads((out / "metrics.json").read_text())["settings"]["sam_variant"] == "demo"
+
+
+def test_a_seed_that_is_not_an_integer_is_named(tmp_path):
+    with pytest.raises(Exception) as info:
+        run_workflow("polyp_fps.json", output_dir=str(tmp_path / "run"), **{**TINY, "seed": "abc"})
+    assert "setting 'seed' must be a non-negative integer, got 'abc'" in error_chain(info.value)
+
+
+# 11. the one line a user reads is the most specific one
+def _raised(make):
+    try:
+        make()
+    except BaseException as err:  # noqa: BLE001 - the chain is what is tested
+        return err
+
+
+def test_the_short_error_names_our_wrapper_not_the_low_level_cause(tmp_path, capsys):
+    from medseg_peft.workflows.guards import _short_excepthook, user_error
+
+    from medseg_peft.data.polyp_folders import check_contents
+
+    data = kvasir(tmp_path / "data", n=2)
+    raw = (data / "images" / "c1.png").read_bytes()
+    (data / "images" / "c1.png").write_bytes(raw[: len(raw) * 2 // 5])
+
+    def truncated():  # the package's own check, over PIL's error
+        check_contents([{"image": str(data / "images" / "c1.png"), "label": str(data / "masks" / "c1.png")}])
+
+    def wrapped(inner):
+        def make():
+            try:
+                inner()
+            except Exception as err:
+                raise RuntimeError("Failed to evaluate ConfigExpression: $wf.polyp_data(...)") from err
+        return make
+
+    err = _raised(wrapped(truncated))
+    assert str(user_error(err)).startswith(f"image {data / 'images' / 'c1.png'}")
+    holder = subprocess.Popen([sys.executable, "-c", f"from medseg_peft.workflows.guards import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+                               "import time; print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _raised(wrapped(lambda: RunLock(tmp_path).acquire()))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert isinstance(user_error(err), RuntimeError) and f"in use by another run (pid {holder.pid})" in str(user_error(err))
+    _short_excepthook(type(err), err, err.__traceback__)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medseg-peft: RuntimeError:") and f"pid {holder.pid}" in lines[0]
+    bug = _raised(wrapped(lambda: [][1]))  # an IndexError nobody raised on purpose keeps its traceback
+    assert user_error(bug) is None
+
+
+def test_a_checkpoint_that_is_a_text_file_is_named_in_one_line(tmp_path):
+    from medseg_peft.workflows.guards import user_error
+    from medseg_peft.workflows import polyp_network
+
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    err = _raised(lambda: polyp_network(str(text), None))
+    assert str(text) in str(user_error(err)) and "could not be read" in str(user_error(err))
+
+
+# 12. an output folder that stops being writable during a run
+def test_a_folder_no_longer_writable_is_named_and_its_lock_released_quietly(tmp_path, monkeypatch, caplog):
+    import tempfile as tempfile_module
+
+    from medseg_peft.io import atomic_write_json
+
+    lock = RunLock(tmp_path).acquire()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile_module, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=rf"{tmp_path} is no longer writable \(Permission denied\)"):
+        atomic_write_json({"a": 1}, tmp_path / "metrics.json")
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: refuse())
+    lock.release()  # no traceback at exit: a warning, and the next run takes the stale lock over
+    assert "could not remove the lock" in caplog.text and not lock.held

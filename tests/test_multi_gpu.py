@@ -159,7 +159,10 @@ def test_a_validation_set_smaller_than_the_ranks_is_refused_by_name(tmp_path, tm
     done = subprocess.run(_torchrun_command(["polyp_fps.json", "multi_gpu.json"], **{**POLYP, "synthetic_images": 4, "val_fraction": 0.25},
                                             output_dir=tmp_path), env=_env(tmp_path_factory), capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
-    assert "the validation set has 1 item(s), fewer than the 2 processes" in done.stdout + done.stderr, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    refusals = [line for line in output.splitlines() if "the validation set has 1 item(s), fewer than the 2 processes" in line]
+    assert refusals and all(line.startswith("medseg-peft: ValueError:") for line in refusals), output[-3000:]  # one line per rank
+    assert "selection by" not in output and not (tmp_path / "selection.safetensors").exists()  # refused before any work
 
 
 def test_polyp_bundle_trains_under_the_layer_and_only_rank_0_writes(tmp_path, tmp_path_factory):

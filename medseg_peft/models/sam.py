@@ -185,17 +185,26 @@ def resize_position_tables(state: dict[str, torch.Tensor], model: nn.Module) -> 
     return out
 
 
-def build_sam(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None) -> nn.Module:
-    """A ``segment_anything.modeling.Sam`` of ``variant`` at ``image_size`` (default: the variant's own), with weights from ``checkpoint``."""
+def build_sam(variant: str | None = None, checkpoint: str | Path | None = None, image_size: int | None = None) -> nn.Module:
+    """A ``segment_anything.modeling.Sam`` of ``variant`` at ``image_size`` (default: the variant's own), with weights
+    from ``checkpoint`` (random without one). ``variant=None`` reads the variant off the checkpoint's weights;
+    the model's ``variant`` attribute names the one built."""
+    state = read_sam_state_dict(checkpoint) if checkpoint is not None else None
+    found = detect_variant(state) if state is not None else None
+    if variant is None:
+        if state is None:
+            raise ValueError("a SAM needs a sam_variant or a sam_checkpoint to read it from")
+        if found is None:
+            raise ValueError(f"SAM checkpoint {checkpoint} matches no known variant ({sorted(SAM_VARIANTS)}); pass sam_variant")
+        variant = found
     cfg = variant_config(variant)
     size = cfg.image_size if image_size is None else int(image_size)
     if size <= 0 or size % cfg.patch_size:
         raise ValueError(f"image_size must be a positive multiple of the patch size {cfg.patch_size}, got {image_size!r}")
     model = _build(cfg, size)
-    if checkpoint is None:
+    model.variant = variant
+    if state is None:
         return model
-    state = read_sam_state_dict(checkpoint)
-    found = detect_variant(state)
     if found != variant:
         what = f"a {found} SAM" if found else "a SAM of no known variant"
         raise ValueError(f"SAM checkpoint {checkpoint} is {what}, but sam_variant={variant!r} was asked for")

@@ -88,6 +88,11 @@ class SamSegmenter(nn.Module):
         return torch.stack([self._embeddings[k] for k in keys])
 
     @property
+    def variant(self) -> str | None:
+        """The SAM variant (``vit_b``, ``lite_medsam``, ``demo``, ...) this segmenter was built as."""
+        return getattr(self.sam, "variant", None)
+
+    @property
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
@@ -171,12 +176,13 @@ class SamSegmenter(nn.Module):
         return low_res
 
 
-def sam_segmenter(variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int | None = None, **wrapper) -> SamSegmenter:
-    """``build_sam`` wrapped in a ``SamSegmenter`` that sees images as ``variant`` was trained to; ``wrapper``
-    keys go to the segmenter (``num_outputs``, ``in_channels``, ...)."""
-    cfg = variant_config(variant)
+def sam_segmenter(variant: str | None = None, checkpoint: str | Path | None = None, image_size: int | None = None, **wrapper) -> SamSegmenter:
+    """``build_sam`` wrapped in a ``SamSegmenter`` that sees images as its variant was trained to (``variant=None``:
+    the checkpoint's own); ``wrapper`` keys go to the segmenter (``num_outputs``, ``in_channels``, ...)."""
+    sam = build_sam(variant, checkpoint, image_size)
+    cfg = variant_config(sam.variant)
     wrapper = {"intensity": cfg.intensity, "resize": cfg.resize, **wrapper}
-    return SamSegmenter(build_sam(variant, checkpoint, image_size), **wrapper)
+    return SamSegmenter(sam, **wrapper)
 
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_sam.safetensors"

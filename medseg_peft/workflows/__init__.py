@@ -26,6 +26,7 @@ _EXPORTS = {
     "world_size": "bundle",
     "contour_sheet": "contour_sheet",
     "base_fingerprint": "guards",
+    "data_fingerprint": "guards",
     "PerClassScores": "metrics",
     "binarize": "metrics",
     "class_dice_handler": "metrics",
@@ -56,6 +57,7 @@ _lazy_package(__name__, _EXPORTS)
 
 __all__ = [
     "base_fingerprint",
+    "data_fingerprint",
     "Checkpoints",
     "check_shardable",
     "PerClassScores",

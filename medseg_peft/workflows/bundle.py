@@ -103,6 +103,8 @@ def start_run(output_dir: str | Path, seed: int, **numbers) -> None:
 
     if Path(sys.argv[0]).parts[-2:] == ("bundle", "__main__.py"):
         short_errors()
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TypeError(f"setting 'seed' must be a non-negative integer, got {seed!r}")
     check_cli_keys()
     check_settings(output_dir, **numbers)
     lock_output_dir(output_dir)

@@ -136,8 +136,11 @@ class RunLock:
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
             self.held = False
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as err:  # a folder made read-only: the next run takes the lock over, its pid being gone
+                log.warning("could not remove the lock %s (%s); the next run takes it over", self.path, err.strerror or err)
 
 
 _LOCKS: dict[str, RunLock] = {}
@@ -170,6 +173,22 @@ def base_fingerprint(network: torch.nn.Module) -> str:
         for name, p in network.named_parameters():
             v = p.detach().double()
             h.update(f"{name}:{tuple(p.shape)}:{float(v.sum()):.10e}:{float((v * v).sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(data: dict) -> str:
+    """A short hash of which items are in which split (``train`` / ``val`` / ``eval`` / ``test`` lists of a task's
+    data): the same folder split with another ``val_fraction`` or seed gives another value, so a rerun cannot
+    resume a run whose history was scored on other validation items."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in ("train", "val", "eval", "test"):
+        items = data.get(split) if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            continue
+        names = sorted(str(it.get("name") or Path(str(it.get("image", ""))).name) if isinstance(it, dict) else str(it) for it in items)
+        h.update(f"{split}:{len(names)}:{'|'.join(names)};".encode())
     return h.hexdigest()[:16]
 
 
@@ -246,26 +265,72 @@ class ValidateLastEpoch:
 
 # ---- errors a user can act on -------------------------------------------------------------------
 USER_ERRORS = (ValueError, OSError, FloatingPointError, TypeError, KeyError, NotImplementedError)
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_WRAPPER_PREFIXES = ("Failed to evaluate", "Failed to instantiate")  # MONAI's config wrappers: they name a config item, not the cause
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from (``__cause__``, else ``__context__``), outermost first."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+    return chain
+
+
+def _is_wrapper(err: BaseException) -> bool:
+    return type(err) is RuntimeError and str(err).startswith(_WRAPPER_PREFIXES)
+
+
+def _written_for_users(err: BaseException) -> bool:
+    """Raised by a ``raise`` statement of this package: a message written to name the file or key at fault
+    (an error a library raised inside our code, or a bug, keeps its traceback)."""
+    import linecache
+
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    if not filename.startswith(_PACKAGE_DIR):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The exception whose message a user should read, or None when the whole traceback is needed.
+
+    Along the chain, outermost first: the first error this package raised on purpose (it names the file or
+    key, and wraps the library's low-level cause: ``image ... cannot be decoded`` over PIL's ``image file
+    is truncated``, ``... is in use by another run`` over ``FileExistsError``); else the innermost error of
+    a kind a user can act on (a library's ``FileNotFoundError``); MONAI's ``Failed to evaluate ...``
+    wrappers never, since they name a config expression, not the cause."""
+    chain = [e for e in error_chain(err) if not _is_wrapper(e)]
+    for e in chain:
+        if _written_for_users(e):
+            return e
+    for e in reversed(chain):
+        if isinstance(e, USER_ERRORS):
+            return e
+    return None
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception along ``__cause__`` / ``__context__`` (where a wrapped bundle error began)."""
-    seen = set()
-    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return err
+    """The innermost exception along ``__cause__`` / ``__context__`` (where a wrapped error began)."""
+    return error_chain(err)[-1]
 
 
 def _short_excepthook(kind, err, tb, _previous=sys.excepthook):
-    cause = root_cause(err)
-    if os.environ.get("MEDSEG_PEFT_TRACEBACK") or not isinstance(cause, USER_ERRORS):
+    shown = user_error(err)
+    if os.environ.get("MEDSEG_PEFT_TRACEBACK") or shown is None:
         return _previous(kind, err, tb)
     import traceback
 
     log.debug("full traceback:\n%s", "".join(traceback.format_exception(kind, err, tb)))
-    message = str(cause).strip() or type(cause).__name__
-    print(f"\nmedseg-peft: {type(cause).__name__}: {message}\n(set MEDSEG_PEFT_TRACEBACK=1 for the full traceback)", file=sys.stderr, flush=True)
+    message = " ".join(str(shown).split()) or type(shown).__name__  # one line, whatever the message's own line breaks
+    print(f"medseg-peft: {type(shown).__name__}: {message} (MEDSEG_PEFT_TRACEBACK=1 prints the traceback)", file=sys.stderr, flush=True)
 
 
 def short_errors() -> None:
@@ -294,5 +359,5 @@ def check_settings(output_dir: str | Path, **numbers) -> None:
         raise PermissionError(f"output_dir {folder} is not writable ({err.strerror or err}); pick another output_dir") from err
 
 
-__all__ = ["FiniteLoss", "RunLock", "ValidateLastEpoch", "base_fingerprint", "check_cli_keys", "check_run_settings",
-           "check_settings", "lock_output_dir", "release_output_dir", "root_cause", "short_errors", "unknown_keys"]
+__all__ = ["FiniteLoss", "RunLock", "ValidateLastEpoch", "base_fingerprint", "check_cli_keys", "check_run_settings", "data_fingerprint",
+           "check_settings", "lock_output_dir", "release_output_dir", "root_cause", "short_errors", "unknown_keys", "user_error"]

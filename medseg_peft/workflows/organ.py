@@ -86,7 +86,7 @@ def num_outputs(num_classes: int, activation: str = "softmax") -> int:
     return num_classes + 1 if activation == "softmax" else num_classes
 
 
-def organ_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None,
+def organ_network(sam_checkpoint: str | None = None, sam_variant: str | None = None, image_size: int | None = None,
                   num_classes: int = 1, activation: str = "softmax") -> nn.Module:
     """A SAM taking grey slices in [0, 1], with one decoder output per class (and background with softmax).
 

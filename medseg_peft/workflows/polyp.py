@@ -52,23 +52,44 @@ def default_lr(lr: float | None = None, sam_checkpoint: str | None = None) -> fl
     pull a pre-trained decoder away from what it knows within an epoch) and 5e-3 for the small demo model."""
     if given(lr):
         return float(lr)
-    return PRETRAINED_LR if given(sam_checkpoint) else DEMO_LR
+    return PRETRAINED_LR if given(sam_checkpoint) and sam_checkpoint != RANDOM_WEIGHTS else DEMO_LR
 
 
-def polyp_network(sam_checkpoint: str | None = None, sam_variant: str = "vit_b", image_size: int | None = None,
+RANDOM_WEIGHTS = "random"  # the sam_checkpoint value that asks for a variant's architecture with random weights
+
+
+def polyp_network(sam_checkpoint: str | None = None, sam_variant: str | None = None, image_size: int | None = None,
                   embedding_cache: bool = False, **wrapper) -> nn.Module:
-    """A SAM segmenter: the user's checkpoint (a path or a name such as ``lite_medsam``), or the embedded demo
-    model when none is given. ``embedding_cache`` reuses each image's embedding while the encoder is frozen.
+    """A SAM segmenter: the user's checkpoint (a path or a name such as ``lite_medsam``; its variant read off
+    its weights unless ``sam_variant`` names it), ``"random"`` for ``sam_variant``'s architecture untrained,
+    or the embedded demo model when neither a checkpoint nor a variant is given. A variant without a
+    checkpoint is refused: training a randomly initialised SAM by accident would look like a bad method.
+    ``embedding_cache`` reuses each image's embedding while the encoder is frozen.
 
     ``wrapper`` keys go to ``SamSegmenter`` (outputs, grey input), for the organ bundles.
     """
     from medseg_peft.models import demo_segmenter, sam_segmenter
+    from medseg_peft.models.sam import variant_config
 
-    if given(sam_checkpoint):
-        net = sam_segmenter(sam_variant, sam_checkpoint, image_size if given(image_size) else None, **wrapper)
-        log.info("SAM %s from %s at %d px (%s intensity, %s resize)", sam_variant, sam_checkpoint, net.image_size, net.intensity, net.resize)
+    variant = sam_variant if given(sam_variant) else None
+    if variant is not None:
+        variant_config(variant)  # an unknown name stops here, whatever else is given
+    size = image_size if given(image_size) else None
+    if sam_checkpoint == RANDOM_WEIGHTS:
+        if variant is None:
+            raise ValueError("sam_checkpoint='random' needs a sam_variant to build (e.g. --sam_variant vit_b)")
+        net = sam_segmenter(variant, None, size, **wrapper)
+        log.warning("SAM %s with RANDOM weights (sam_checkpoint='random'), at %d px: nothing pre-trained", variant, net.image_size)
         return net.cache_embeddings(bool(embedding_cache))
-    net = demo_segmenter(image_size if given(image_size) else None, **wrapper)
+    if given(sam_checkpoint):
+        net = sam_segmenter(variant, sam_checkpoint, size, **wrapper)
+        log.info("SAM %s from %s at %d px (%s intensity, %s resize)", net.variant, sam_checkpoint, net.image_size, net.intensity, net.resize)
+        return net.cache_embeddings(bool(embedding_cache))
+    if variant is not None:
+        raise ValueError(f"sam_variant={variant!r} was given without a sam_checkpoint: pass --sam_checkpoint with its weights "
+                         f"(a file, or a name such as lite_medsam), --sam_checkpoint random to train it from random weights, "
+                         f"or leave sam_variant out for the embedded demo model")
+    net = demo_segmenter(size, **wrapper)
     log.warning(
         "no sam_checkpoint given: using the embedded demo model (a small SAM-architecture network pretrained on "
         "synthetic shapes, not Meta's SAM) at %d px; pass --sam_checkpoint sam_vit_b_01ec64.pth for the real one",
