@@ -17,12 +17,14 @@ a pairing by position would silently shift every label by one the moment a singl
 
 The checks read image headers only (``PIL.Image.open(p).size``), so a 1,450-image folder is verified
 in well under a second and a broken download fails here, naming the file, rather than at epoch 3.
+:func:`check_contents` then decodes every file once, before any training, for what only the pixels show.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -38,6 +40,26 @@ PRANET_TEST_DIR = "TestDataset"
 PRANET_TEST_SETS = ("CVC-300", "CVC-ClinicDB", "CVC-ColonDB", "ETIS-LaribPolypDB", "Kvasir")
 
 _SHOW = 5  # how many offending names an error message lists before "... and N more"
+
+MIN_IMAGE_SIDE = 8
+"""Smallest image side, in pixels, a data set may have.
+
+An image smaller than this is a thumbnail, an icon or a failed export rather than a photograph: resized
+to the model's input (hundreds of pixels) it becomes a few blurred blocks, and its mask would still count
+in the score. 8 px keeps tiny but real crops acceptable.
+"""
+
+LARGE_IMAGE_PIXELS = 4 * 1024 * 1024
+"""Pixel count (4x SAM's 1024 x 1024 input, e.g. 2048 x 2048) above which the data check warns.
+
+Every image is decoded and resized to the model's input size again each epoch; an image this large
+costs many times a typical photograph's time, so a handful of them can make an epoch several times
+slower. Shrinking them once beforehand loses nothing the model sees.
+"""
+
+# what PIL raises for damaged files: OSError (truncated data), SyntaxError (a broken PNG chunk),
+# struct.error and EOFError (a header cut short), ValueError (impossible header values)
+_DECODE_ERRORS = (OSError, SyntaxError, struct.error, EOFError, ValueError)
 
 
 def _listing(names: Sequence[str], total: int | None = None) -> str:
@@ -102,14 +124,25 @@ def _header_size(path: str) -> tuple[int, int]:
         return im.size
 
 
+def _problem(count_text: str, lines: list[str]) -> str:
+    return (f"{len(lines)} {count_text}:\n    " + "\n    ".join(lines[:_SHOW])
+            + (f"\n    ... and {len(lines) - _SHOW} more" if len(lines) > _SHOW else ""))
+
+
 def check_pairs(pairs: Iterable[dict | tuple[str, str]]) -> None:
-    """Raise one ``ValueError`` listing every unreadable file and every image/mask size mismatch.
+    """Raise one ``ValueError`` listing every unreadable file, every image/mask size mismatch and every
+    image below :data:`MIN_IMAGE_SIDE`; otherwise log one line naming the largest image.
 
     ``pairs`` are datalist items (``{"image", "label", ...}``) or ``(image, mask)`` tuples. All
-    problems are gathered before raising so one run shows the whole damage, not the first file.
+    problems are gathered before raising so one run shows the whole damage, not the first file. The
+    largest image is named because every image is resized to the model's input size each epoch: one
+    huge file slows every epoch without any other sign (a warning above :data:`LARGE_IMAGE_PIXELS`).
     """
     unreadable: list[str] = []
     mismatched: list[str] = []
+    tiny: list[str] = []
+    large = 0
+    largest: tuple[int, str, tuple[int, int]] | None = None
     count = 0
     for item in pairs:
         count += 1
@@ -118,8 +151,16 @@ def check_pairs(pairs: Iterable[dict | tuple[str, str]]) -> None:
         for role, path in (("image", image), ("mask", mask)):
             try:
                 sizes[role] = _header_size(path)
-            except (UnidentifiedImageError, OSError, ValueError) as err:
+            except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
                 unreadable.append(f"{path} ({role}: {type(err).__name__}: {err})")
+        if "image" in sizes:
+            iw, ih = sizes["image"]
+            if min(iw, ih) < MIN_IMAGE_SIDE:
+                tiny.append(f"{image} ({iw}x{ih})")
+            if iw * ih > LARGE_IMAGE_PIXELS:
+                large += 1
+            if largest is None or iw * ih > largest[0]:
+                largest = (iw * ih, str(image), (iw, ih))
         if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
             (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
             mismatched.append(f"{image} is {iw}x{ih} (WxH) but its mask {mask} is {mw}x{mh}")
@@ -127,47 +168,74 @@ def check_pairs(pairs: Iterable[dict | tuple[str, str]]) -> None:
         raise ValueError("no image/mask pairs to check: the datalist is empty")
     problems = []
     if unreadable:
-        problems.append(f"{len(unreadable)} file(s) PIL cannot open:\n    " + "\n    ".join(unreadable[:_SHOW])
-                        + (f"\n    ... and {len(unreadable) - _SHOW} more" if len(unreadable) > _SHOW else ""))
+        problems.append(_problem("file(s) PIL cannot open", unreadable))
     if mismatched:
-        problems.append(f"{len(mismatched)} mask(s) differ in size from their image:\n    " + "\n    ".join(mismatched[:_SHOW])
-                        + (f"\n    ... and {len(mismatched) - _SHOW} more" if len(mismatched) > _SHOW else ""))
+        problems.append(_problem("mask(s) differ in size from their image", mismatched))
+    if tiny:
+        problems.append(_problem(f"image(s) smaller than {MIN_IMAGE_SIDE} px on a side (WxH), too small to segment", tiny))
     if problems:
         raise ValueError("the polyp dataset has broken pairs:\n  " + "\n  ".join(problems))
+    _, name, (w, h) = largest
+    if large:
+        log.warning("every image is resized to the model's input size each epoch, and %d image(s) have more than %d pixels "
+                    "(the largest: %s, %dx%d WxH), which slows every epoch: shrink them once beforehand", large, LARGE_IMAGE_PIXELS, name, w, h)
+    else:
+        log.info("every image is resized to the model's input size each epoch; the largest is %s (%dx%d WxH)", name, w, h)
+
+
+def _decoded(path: str, role: str, convert):
+    """``convert`` of the fully decoded file; a damaged file is a ``ValueError`` naming it.
+
+    ``verify`` first: it checks a PNG's chunk checksums to its end marker, so a download cut after the
+    pixel data (which PIL would still decode) is caught too; it leaves the file unusable, hence the
+    second open.
+    """
+    def damaged(err: BaseException) -> ValueError:
+        return ValueError(f"{role} {path} cannot be decoded ({type(err).__name__}: {err}): a truncated or damaged file; replace or remove it")
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        img = Image.open(path)
+    except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
+        raise damaged(err) from err
+    with img:
+        try:
+            img.load()
+        except _DECODE_ERRORS as err:
+            raise damaged(err) from err
+        return convert(img)  # outside the decode errors: its own refusals (NaN pixels) say what they are
 
 
 def check_contents(items: Iterable[dict], what: str = "dataset") -> None:
     """Decode every image and mask once (a truncated file fails here, named, not in selection), and refuse
     masks whose foreground vanishes under the binarisation the transforms apply, before training.
 
-    Masks are read as the transforms read them (colour to grey) and foreground is value > 127 (> 0.5
-    for 0/1 masks). A mask with non-zero pixels that are all below that (0/100 masks, pure red masks:
-    grey 76) would train and score as empty, and empty-vs-empty scores 1: a perfect score for a broken
-    data set. A validation set whose masks are all empty cannot measure anything either.
+    Images are converted as the transforms convert them (:func:`~medseg_peft.data.polyp_transforms.image_to_rgb`),
+    so a float image with NaN pixels is refused here too. Masks are read as the transforms read them
+    (colour to grey) and foreground is value > 127 (> 0.5 for 0/1 masks). A mask with non-zero pixels
+    that are all below that (0/100 masks, pure red masks: grey 76) would train and score as empty, and
+    empty-vs-empty scores 1: a perfect score for a broken data set. A set whose masks are all empty
+    cannot measure anything either, nor one whose masks are all entirely foreground: predicting
+    "everything" scores 1 on it without finding anything.
     """
     import numpy as np
 
-    from medseg_peft.data.polyp_transforms import mask_to_grey
+    from medseg_peft.data.polyp_transforms import image_to_rgb, mask_to_grey
 
     items = list(items)
-    vanished, empty = [], 0
+    vanished, empty, full = [], 0, 0
     for item in items:
-        try:
-            with Image.open(item["image"]) as img:
-                img.load()
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"image {item['image']} cannot be decoded ({err}): a truncated or damaged file; replace or remove it") from err
-        try:
-            with Image.open(item["label"]) as img:
-                mask = np.asarray(mask_to_grey(img))
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"mask {item['label']} cannot be read: {err}") from err
+        _decoded(item["image"], "image", image_to_rgb)
+        mask = _decoded(item["label"], "mask", lambda img: np.asarray(mask_to_grey(img)))
         top = float(mask.max()) if mask.size else 0.0
         threshold = 127.0 if top > 1.0 else 0.5
         if top == 0:
             empty += 1
         elif top <= threshold:
             vanished.append(f"{item['label']} (max {top:g})")
+        elif bool((mask > threshold).all()):
+            full += 1
     if vanished:
         raise ValueError(
             f"{len(vanished)} mask(s) of the {what} have non-zero pixels but none above the foreground threshold "
@@ -175,6 +243,8 @@ def check_contents(items: Iterable[dict], what: str = "dataset") -> None:
             "Store masks as 0/255 (or 0/1) grey images")
     if items and empty == len(items):
         raise ValueError(f"every one of the {len(items)} masks of the {what} is empty: the scores would measure nothing")
+    if items and full == len(items):
+        raise ValueError(f"every one of the {len(items)} masks of the {what} is entirely foreground: the scores would measure nothing")
 
 
 def _split_key(seed: int, name: str) -> str:

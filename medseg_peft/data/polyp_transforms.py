@@ -7,7 +7,10 @@ Decisions that are easy to get wrong with 2D photographs in a toolkit built for 
   agree with PIL / torchvision / the masks users draw, and its ``spatial_shape`` metadata says
   ``(H, W)`` too, so code that resizes predictions back to the original size reads the right order.
 * **Intensity.** Images stay 3-channel float in 0-255: the SAM wrapper subtracts SAM's pixel mean and
-  divides by its std itself, and normalising here as well would do it twice.
+  divides by its std itself, and normalising here as well would do it twice. 16-bit, 32-bit integer and
+  float images (microscopy, X-ray and other scanner exports) are scaled per image, min..max to 0..255 as
+  MedSAM prepares such modalities (:func:`image_to_rgb`); PIL's own ``convert("RGB")`` would clip
+  them to 255, a white image, and the run would train and score on nothing.
 * **Masks.** Kvasir masks are JPEGs, noisy near edges; they are binarised at > 127 (or > 0.5 for masks
   stored as 0/1), *before* resizing, and resized with nearest-neighbour so labels stay in {0, 1}.
 * **Aspect ratio.** ``resize="square"`` stretches to ``S x S`` (SAM ViT variants here);
@@ -39,6 +42,8 @@ from monai.transforms import (
     RandShiftIntensityd,
     Resized,
 )
+from monai.utils import MetaKeys
+from PIL import Image
 
 from medseg_peft.data.box_prompts import BoxesFromMaskd, medsam_jitter
 from medseg_peft.data.volume_boxes import PROMPTS
@@ -57,9 +62,51 @@ class RowMajorPILReader(PILReader):
         return np.asarray((img.height, img.width))
 
 
-def image_to_rgb(img):
-    """Grey, palette and RGBA photographs become RGB: grey is repeated to 3 channels, alpha is dropped."""
-    return img if img.mode == "RGB" else img.convert("RGB")
+def is_high_depth(mode: str) -> bool:
+    """PIL modes whose values are not 0-255: 16-bit (``I;16`` and its byte orders), 32-bit integer (``I``) and float (``F``)."""
+    return mode in ("I", "F") or mode.startswith("I;")
+
+
+def image_to_rgb(img: Image.Image) -> Image.Image:
+    """An input image as the network takes it, 0-255, for every loader of input images to share.
+
+    8-bit images become RGB as PIL converts them (grey repeated to 3 channels, palettes looked up,
+    alpha dropped); an RGB image is returned as it is. High-bit-depth images (:func:`is_high_depth`)
+    become a grey float ``F`` image scaled per image, min..max to 0..255, so they keep their
+    precision (PIL has no 3-channel float mode: :class:`RGBImageReader` repeats it to 3 channels);
+    a constant image becomes 0. NaN or infinite pixels are refused, since
+    they would make every scaled pixel NaN.
+    """
+    if img.mode == "RGB":
+        return img
+    if not is_high_depth(img.mode):
+        return img.convert("RGB")
+    x = np.asarray(img, dtype=np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        name = getattr(img, "filename", "") or "an image"
+        raise ValueError(f"{name} has {bad} NaN or infinite pixel(s) of {x.size}; replace them with finite values")
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    scaled = (x - low) * (255.0 / (high - low)) if high > low else np.zeros_like(x)
+    return Image.fromarray(scaled.astype(np.float32))
+
+
+class RGBImageReader(RowMajorPILReader):
+    """Input images as ``H x W x 3`` arrays in 0-255, whatever their bit depth (:func:`image_to_rgb`).
+
+    The scaled grey ``F`` image of a high-bit-depth file is repeated to 3 channels here, after PIL's
+    decoding, and its metadata says the channels are last, so it loads exactly as an 8-bit grey one.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(converter=image_to_rgb, **kwargs)
+
+    def get_data(self, img):
+        data, meta = super().get_data(img)
+        if data.ndim == 2:
+            data = np.repeat(data[..., None], 3, axis=-1)
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = -1
+        return data, meta
 
 
 def mask_to_grey(img):
@@ -125,7 +172,7 @@ def polyp_transforms(image_size: int, train: bool, resize: str = "square", promp
     s = int(image_size)
     keys = [IMAGE_KEY, LABEL_KEY]
     steps = [
-        LoadImaged(IMAGE_KEY, reader=RowMajorPILReader(converter=image_to_rgb), image_only=True, dtype=np.float32),
+        LoadImaged(IMAGE_KEY, reader=RGBImageReader(), image_only=True, dtype=np.float32),
         LoadImaged(LABEL_KEY, reader=RowMajorPILReader(converter=mask_to_grey), image_only=True, dtype=np.float32),
         EnsureChannelFirstd(keys),
         BinariseMaskd(LABEL_KEY),

@@ -184,12 +184,18 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
+        import numpy as np
         from PIL import Image
+
+        from medseg_peft.data.polyp_transforms import image_to_rgb
 
         item = self.items[i]
         try:
             with Image.open(item["image"]) as img:
-                image = self.transform(img.convert("RGB"))
+                rgb = image_to_rgb(img)  # 16-bit / float images scaled by their own range, not clipped white
+                if rgb.mode == "F":  # torchvision's transforms take 8-bit RGB
+                    rgb = Image.fromarray(np.repeat(np.asarray(rgb).round().astype(np.uint8)[..., None], 3, axis=-1))
+                image = self.transform(rgb)
         except OSError as err:
             raise OSError(f"cannot read image {item['image']}: {err}") from err
         return {"image": image, "label": torch.tensor(item["label"], dtype=torch.long)}
