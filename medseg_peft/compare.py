@@ -24,6 +24,8 @@ The table, ``comparison.json`` and ``comparison.png`` are made from the run fold
 alone, so ``--collect`` on the same folders gives the same rows as the command that ran them: wall time and
 peak memory are the runs' own (``wall_time_s``, ``peak_memory_mib``; ``seconds`` and "-" for runs older than
 those keys), and each process's time measured here is kept apart, under ``runs`` in comparison.json.
+``--collect`` leaves out unfinished runs with a line each; a metrics.json it cannot read (truncated, damaged)
+is named in the table as unreadable, and then nothing is written over the previous comparison (exit 1).
 """
 
 from __future__ import annotations
@@ -118,13 +120,42 @@ class Planned:
     note: str = ""
 
 
-def read_metrics(folder: Path) -> dict | None:
-    """The folder's metrics.json with at least one validation, or None."""
+def load_metrics(folder: Path) -> tuple[dict | None, str | None]:
+    """``(metrics, None)`` for the folder's metrics.json with at least one validation; ``(None, None)`` with no
+    such file or no validation yet (a run not started or not that far); ``(None, reason)`` for a file that is
+    there but is not a run's metrics (truncated, damaged, another file's content), which must not pass for an
+    absent run: a comparison without it would drop a method unnoticed."""
+    path = folder / METRICS_FILE
     try:
-        data = json.loads((folder / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("history") else None
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror or err})"
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        return None, f"not valid JSON, truncated or damaged: {err}"
+    if not isinstance(data, dict):
+        return None, f"holds a JSON {type(data).__name__}, not a run's metrics object"
+    history = data.get("history")
+    if not history:
+        return None, None
+    if not isinstance(history, list) or not all(isinstance(h, dict) and _is_number(h.get("epoch")) for h in history):
+        return None, "its history is not a list of validations with their epochs"
+    wrong = [k for k in ("settings", "best", "zero_shot") if not isinstance(data.get(k) or {}, dict)]
+    if wrong:
+        return None, f"its {', '.join(wrong)} {'is not an object' if len(wrong) == 1 else 'are not objects'}"
+    return data, None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(folder: Path) -> dict | None:
+    """The folder's metrics.json with at least one validation, or None (absent, not validated yet, or unreadable)."""
+    return load_metrics(folder)[0]
 
 
 def finished(data: dict) -> bool:
@@ -297,8 +328,9 @@ def memory(r: dict) -> str:
     return f"{r['peak_memory_mib']:,.0f} MiB" + (f" ({r['peak_memory_kind']})" if r["peak_memory_kind"] else "")
 
 
-def table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (the README's form), one line per run."""
+def table(rows: list[dict], unreadable: list[tuple[Path, str]] = (), out: Path | None = None) -> str:
+    """The rows as a Markdown table (the README's form), one line per run, then a line per unreadable
+    metrics.json (its folder, why, and the folder relative to ``out``)."""
     names = " / ".join("top-1" if m == "top1" else m for m in rows[0]["metrics"])
     versus = baseline_at_equal_time(rows)
     extra = f" {BASELINE} at equal time: its {rows[0]['key_metric']}, beaten? |" if versus else ""
@@ -315,6 +347,9 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {tuned} | {percent} | {_scores(r['zero_shot'], r['metrics'])} | "
                      f"{_scores(r['best'], r['metrics'])} | {r['best_epoch'] if r['best_epoch'] is not None else '-'} "
                      f"(of {r['epochs']}) | {duration(r['wall_time_s'])} | {memory(r)} |{cell} {r['run']} |")
+    for path, reason in unreadable:
+        run = os.path.relpath(path.parent.resolve(), Path(out or path.parent).resolve())
+        lines.append(f"| {path.parent.name} | unreadable: {METRICS_FILE} {reason} |" + " - |" * (lines[1].count("|") - 4) + f" {run} |")
     if any(r["wall_time_from"] != "wall_time_s" for r in rows):
         lines.append("\nwall time: metrics.json's seconds (the report's clock) where a run predates wall_time_s")
     return "\n".join(lines)
@@ -439,34 +474,54 @@ def write(rows: list[dict], out: Path, done: list[dict], argv: list[str]) -> Non
     plot(rows, out / "comparison.png")
 
 
-def collect(root: Path) -> list[tuple[Path, dict]]:
-    """Every finished run below ``root`` (its folder and metrics), in the methods' usual order."""
+def collect(root: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:
+    """Every finished run below ``root`` (its folder and metrics), in the methods' usual order, and every
+    metrics.json that cannot be read (its path and why).
+
+    Unfinished runs are left out with a line each: collecting while runs go on is normal. An unreadable
+    metrics.json is not left out silently: the caller names it and writes no comparison without it."""
     if not root.is_dir():
         raise CompareError(f"--collect: {root} is not a folder")
-    runs, unfinished = [], []
+    runs, unfinished, unreadable = [], [], []
     for path in sorted(root.rglob(METRICS_FILE)):
-        data = read_metrics(path.parent)
-        if data is None:
-            continue
-        (runs if finished(data) else unfinished).append((path.parent, data))
+        data, reason = load_metrics(path.parent)
+        if reason is not None:
+            unreadable.append((path, reason))
+        elif data is None:
+            print(f"left out {path.parent}: unfinished (no validation yet)")
+        else:
+            (runs if finished(data) else unfinished).append((path.parent, data))
     for folder, data in unfinished:
         print(f"left out {folder}: unfinished (epoch {data['history'][-1]['epoch']} of {data['settings'].get('epochs')})")
     if not runs:
+        if unreadable:
+            raise CompareError(f"--collect: no finished run below {root}, and {_unreadable_files(unreadable)}")
         raise CompareError(f"--collect: no finished run below {root} (no metrics.json whose history reached its epochs)")
-    return sorted(runs, key=lambda run: (_method_rank(run[1].get("method", "")), str(run[0])))
+    return sorted(runs, key=lambda run: (_method_rank(run[1].get("method", "")), str(run[0]))), unreadable
 
 
-def report(runs: list[tuple[Path, dict]], out: Path | None, done: list[dict], argv: list[str]) -> list[dict]:
+def _unreadable_files(unreadable: list[tuple[Path, str]]) -> str:
+    return "unreadable " + "; ".join(f"{path}: {reason}" for path, reason in unreadable)
+
+
+def report(runs: list[tuple[Path, dict]], out: Path | None, done: list[dict], argv: list[str],
+           unreadable: list[tuple[Path, str]] = ()) -> list[dict]:
     """Print the table and write comparison.json (the rows; apart from them, what this command did per method:
     run, resume or skip, with each process's measured time) and comparison.png into ``out`` (default: the
-    folders' common parent)."""
+    folders' common parent).
+
+    With ``unreadable`` runs (a metrics.json and why it cannot be read) the table names them and nothing is
+    written: a comparison without them would replace one that had them, with no sign of what went missing."""
     out = Path(out) if out is not None else common_parent([folder for folder, _ in runs])
     rows = [row(folder, data, out) for folder, data in runs]
     kinds = sorted({r["key_metric"] for r in rows})
     if len(kinds) > 1:
         raise CompareError(f"the runs have different key metrics ({', '.join(kinds)}): compare one task at a time "
                            "(collect a folder of one task's runs)")
-    print(table(rows))
+    print(table(rows, unreadable, out))
+    if unreadable:
+        print(f"\nnothing written: {out / 'comparison.json'} and {out / 'comparison.png'} are left as they were")
+        return rows
     write(rows, out, done, argv)
     print(f"\nwrote {out / 'comparison.json'} and {out / 'comparison.png'}")
     return rows
@@ -517,7 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect is not None:
             if rest or args.config_file:
                 raise CompareError("--collect runs nothing: it takes no config file or bundle settings")
-            report(collect(Path(args.collect)), args.out, [], argv)
+            runs, unreadable = collect(Path(args.collect))
+            report(runs, args.out, [], argv, unreadable)
+            if unreadable:
+                print(f"medseg_peft.compare: {_unreadable_files(unreadable)}: no comparison written; fix or delete "
+                      f"{'that file' if len(unreadable) == 1 else 'those files'} (a deleted one's run is then left out)",
+                      file=sys.stderr)
+                return 1
             return 0
         if not args.config_file:
             raise CompareError("give --config_file (the task bundle), or --collect FOLDER")

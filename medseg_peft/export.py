@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
 from importlib import metadata as pkg_metadata
 from pathlib import Path
@@ -36,9 +38,10 @@ from torch import nn
 log = logging.getLogger("medseg_peft")
 
 BUNDLE_MODEL_SCRIPTS = ("sam", "segmenter", "tiny_vit", "named_checkpoints")  # medseg_peft.models modules copied into <bundle>/scripts/
-BUNDLE_DATA_SCRIPTS = ("volume_io", "volume_boxes")  # medseg_peft.data modules copied into <bundle>/scripts/
+BUNDLE_DATA_SCRIPTS = ("volume_io", "volume_boxes", "bundle_errors")  # medseg_peft.data modules copied into <bundle>/scripts/
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 LOGGING_CONF = Path(__file__).resolve().parent / "bundles" / "logging.conf"  # package data: a wheel has it too
+PARTIAL_SUFFIX, PREVIOUS_SUFFIX = ".partial-", ".previous-"  # the hidden siblings of the export folder while it is written / replaced
 TRACE_POLICY = (
     "traced on one slice; the network has no size-dependent branch (it always resizes to its input size and back), "
     "so the graph takes [B, 1, H, W] grey slices in [0, 1] of any batch and in-plane size"
@@ -81,6 +84,9 @@ def network_config(network: nn.Module, sam_variant: str) -> dict:
 def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, channel, activation: str, prompt: str = "none") -> dict:
     """The exported ``configs/inference.json``: load, orient, window, slice by slice (with boxes or not), invert, write label volumes.
 
+    Every input volume's header is checked (3D, its channels) before any model work, and under
+    ``python -m monai.bundle`` an error ends the output as one line naming the file (``scripts/bundle_errors.py``).
+
     ``prompt`` is the default of its ``prompt`` key; the box step of the pre-processing and the inferer are
     there either way (they do nothing without boxes), so ``--prompt box`` / ``--prompt none`` switch at run time.
     """
@@ -95,7 +101,8 @@ def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, c
     classes = int(network.num_outputs) - (1 if activation == "softmax" else 0)
     return {
         "imports": ["$import torch", "$import scripts", "$import scripts.volume_io", "$import scripts.volume_boxes",
-                    "$from monai.engines import PrepareBatchExtraInput", "$from monai.engines import default_prepare_batch"],
+                    "$import scripts.bundle_errors", "$from monai.engines import PrepareBatchExtraInput",
+                    "$from monai.engines import default_prepare_batch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "dataset_dir": None,
@@ -104,7 +111,8 @@ def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, c
         "sw_batch_size": 16,
         "prompt": prompt,
         "box_dir": None,
-        "datalist": (f"$scripts.volume_boxes.box_datalist(scripts.volume_io.list_volumes(@dataset_dir), prompt=@prompt, box_dir=@box_dir, "
+        "datalist": (f"$scripts.volume_boxes.box_datalist(scripts.volume_io.check_volumes(scripts.volume_io.list_volumes(@dataset_dir), "
+                     f"channel={channel if channel is None else int(channel)}), prompt=@prompt, box_dir=@box_dir, "
                      f"num_classes={classes}, activation={activation!r})"),
         "network_def": network_config(network, sam_variant),
         "network": "$@network_def.to(@device)",
@@ -122,6 +130,7 @@ def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, c
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader", "prepare_batch": "@prepare_batch",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing", "val_handlers": "@handlers"},
+        "initialize": ["$scripts.bundle_errors.short_errors()"],
         "run": ["$@evaluator.run()"],
     }
 
@@ -222,6 +231,10 @@ def export_bundle(
 ) -> Path:
     """Write the bundle folder; returns its path. ``network`` is the plain (untuned) network the run tuned.
 
+    The folder is written beside ``output_dir`` under a hidden name and renamed into place only when
+    complete, so a failed export (a missing or damaged result file, a full disk) leaves no half bundle that
+    MONAI Label would load, and a previous export stays as it was until the new one replaces it.
+
     The SAM variant written into ``network_def`` is read off the network's own weights (width and
     depth), so a run on the embedded demo model exports ``demo`` whatever ``sam_variant`` the bundle
     named; ``sam_variant`` is only the fallback for a network of no known variant.
@@ -236,9 +249,9 @@ def export_bundle(
     if modality is None:
         modality = "MR" if "percentiles" in resolve_intensity(intensity) else "CT"
     out = Path(output_dir)
-    for sub in ("configs", "models", "scripts", "docs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    merged = merged_network(network, result_file)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"export folder {out} exists and is not a folder: pick another export_dir")
+    merged = merged_network(network, result_file)  # a missing or damaged result file stops here, before any folder is made
     state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     found = detect_variant({k[len("sam."):]: v for k, v in state.items() if k.startswith("sam.")})
     if found is None and sam_variant is None:
@@ -246,27 +259,66 @@ def export_bundle(
     if found is not None and sam_variant not in (None, found):
         log.info("exporting the network as SAM %s (read off its weights), not the configured %s", found, sam_variant)
     sam_variant = found or sam_variant
-    torch.save(state, out / "models" / "model.pt")
-
     size = int(trace_size or merged.image_size)
     configs = {"inference": inference_config(merged, sam_variant, intensity, spacing, channel, activation, prompt)}
     meta = metadata(merged, class_names, intensity, modality, activation, size, prompt)
-    (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
-    (out / "configs" / "inference.json").write_text(json.dumps(configs["inference"], indent=4))
-    shutil.copy(LOGGING_CONF, out / "configs" / "logging.conf")
-    (out / "scripts" / "__init__.py").write_text('"""Copies of medseg-peft modules the bundle configs need (SAM wrapper, volume IO)."""\n')
-    models_dir = Path(sam_module.__file__).parent
-    for name in BUNDLE_MODEL_SCRIPTS:
-        shutil.copy(models_dir / f"{name}.py", out / "scripts" / f"{name}.py")
-    data_dir = Path(volume_io.__file__).parent
-    for name in BUNDLE_DATA_SCRIPTS:
-        shutil.copy(data_dir / f"{name}.py", out / "scripts" / f"{name}.py")
-    _trace(merged, size, out / "models" / "model.ts", meta, configs)
-    exported = torch_export and _torch_export(merged, size, out / "models" / "model.pt2")
-    (out / "LICENSE").write_text("The exported weights inherit the licence of the base SAM checkpoint and of the training data.\n")
-    (out / "docs" / "README.md").write_text(_readme(meta, exported, prompt))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = _sibling(out, PARTIAL_SUFFIX)
+    try:
+        for sub in ("configs", "models", "scripts", "docs"):
+            (partial / sub).mkdir()
+        torch.save(state, partial / "models" / "model.pt")
+        (partial / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
+        (partial / "configs" / "inference.json").write_text(json.dumps(configs["inference"], indent=4))
+        shutil.copy(LOGGING_CONF, partial / "configs" / "logging.conf")
+        (partial / "scripts" / "__init__.py").write_text('"""Copies of medseg-peft modules the bundle configs need (SAM wrapper, volume IO, one-line errors)."""\n')
+        models_dir = Path(sam_module.__file__).parent
+        for name in BUNDLE_MODEL_SCRIPTS:
+            shutil.copy(models_dir / f"{name}.py", partial / "scripts" / f"{name}.py")
+        data_dir = Path(volume_io.__file__).parent
+        for name in BUNDLE_DATA_SCRIPTS:
+            shutil.copy(data_dir / f"{name}.py", partial / "scripts" / f"{name}.py")
+        _trace(merged, size, partial / "models" / "model.ts", meta, configs)
+        exported = torch_export and _torch_export(merged, size, partial / "models" / "model.pt2")
+        (partial / "LICENSE").write_text("The exported weights inherit the licence of the base SAM checkpoint and of the training data.\n")
+        (partial / "docs" / "README.md").write_text(_readme(meta, exported, prompt))
+        _put_in_place(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already when the export succeeded
     log.info("exported %s (%d tensors, classes %s)", out, len(state), meta["network_data_format"]["outputs"]["pred"]["channel_def"])
     return out
+
+
+def _sibling(out: Path, suffix: str) -> Path:
+    """A new empty hidden folder beside ``out``, made with the user's umask (``tempfile.mkdtemp``'s 0700 would
+    keep a MONAI Label server running as another user out of the exported bundle)."""
+    while True:
+        path = out.parent / f".{out.name}{suffix}{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _put_in_place(built: Path, out: Path) -> None:
+    """Move the complete folder ``built`` to ``out`` (same parent: renames, no copy), replacing a previous export.
+
+    A folder cannot be renamed over a non-empty one, so the previous export is first renamed aside and
+    deleted only once the new one is in place (and put back if that fails): at every moment ``out`` is
+    either the previous complete bundle or the new one, apart from the instant between the two renames."""
+    if not out.exists():
+        os.replace(built, out)
+        return
+    aside = _sibling(out, PREVIOUS_SUFFIX)
+    os.replace(out, aside)  # an empty folder, replaced
+    try:
+        os.replace(built, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _readme(meta: dict, exported: bool, prompt: str = "none") -> str:
@@ -283,6 +335,9 @@ Classes: {meta['pred_classes']}.
 Run on a folder of volumes (NIfTI, NRRD, MHA, DICOM series folders):
 
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir <folder> --output_dir <out>
+
+Every volume's header is checked before inference (a 3D volume, one channel); a run that fails ends with one
+line naming the file at fault (`MEDSEG_PEFT_TRACEBACK=1` prints the full traceback instead).
 
 Box prompts (MedSAM's protocol; this bundle's default prompt is `{prompt}`): `--prompt box` reads each volume's
 boxes from `<volume stem>.boxes.json` beside it (`case_1.nii.gz` -> `case_1.boxes.json`), or from `--box_dir <folder>`:

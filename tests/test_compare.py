@@ -166,3 +166,45 @@ def test_a_failed_run_is_named_and_the_others_are_still_compared(tmp_path, capsy
     assert "[1/2] gps: FAILED" in captured.out and f"failed: gps ({tmp_path / 'gps'}/compare.log)" in captured.err
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["full"] and [x["ok"] for x in saved["runs"]] == [False, True]
+
+
+@pytest.mark.parametrize("damage,reason", [(lambda text: text[: len(text) // 2], "not valid JSON, truncated or damaged"),
+                                           (lambda text: "[1, 2]", "holds a JSON list, not a run's metrics object")])
+def test_collect_names_an_unreadable_run_and_keeps_the_previous_comparison(damage, reason, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "launch", _refuse)
+    runs = tmp_path / "runs"
+    _fake_run(runs / "polyp_fps", "fps", "mDice", seconds=60.0, trainable=10, tuned_percent=1.0)
+    _fake_run(runs / "polyp_full", "full", "mDice", seconds=90.0, trainable=1000, tuned_percent=100.0)
+    assert compare.main(["--collect", str(runs)]) == 0
+    capsys.readouterr()
+    before = {name: (runs / name).read_bytes() for name in ("comparison.json", "comparison.png")}
+    metrics = runs / "polyp_full" / "metrics.json"
+    metrics.write_text(damage(metrics.read_text()))
+
+    assert compare.main(["--collect", str(runs)]) == 1
+    captured = capsys.readouterr()
+    fps, full = table_lines(captured.out)
+    assert fps.startswith("| fps |") and full.startswith(f"| polyp_full | unreadable: metrics.json {reason}")
+    assert full.endswith("| polyp_full |") and full.count("|") == fps.count("|")
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and str(metrics) in err[0] and reason in err[0]
+    assert {name: (runs / name).read_bytes() for name in before} == before  # the comparison of both runs stays
+
+
+def test_collect_with_only_unreadable_runs_is_one_line_naming_them(tmp_path, capsys):
+    (tmp_path / "polyp_fps").mkdir()
+    (tmp_path / "polyp_fps" / "metrics.json").write_text('{"method": "fps", "history": [{"epo')
+    assert compare.main(["--collect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "polyp_fps" / "metrics.json") in err[0] and "truncated" in err[0]
+    assert not (tmp_path / "comparison.json").exists()
+
+
+def test_collect_leaves_out_a_run_not_validated_yet_without_an_error(tmp_path, capsys):
+    _fake_run(tmp_path / "polyp_fps", "fps", "mDice", seconds=60.0, trainable=10, tuned_percent=1.0)
+    (tmp_path / "polyp_gps").mkdir()
+    (tmp_path / "polyp_gps" / "metrics.json").write_text(json.dumps({"method": "gps", "history": []}))
+    assert compare.main(["--collect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"left out {tmp_path / 'polyp_gps'}: unfinished (no validation yet)" in out
+    assert [r["method"] for r in json.loads((tmp_path / "comparison.json").read_text())["rows"]] == ["fps"]

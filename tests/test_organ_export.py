@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,7 @@ ts = torch.jit.load({str(bundle / 'models' / 'model.ts')!r})
 x = torch.load({str(tmp / 'x.pt')!r})
 out = {{"pt": net(x), "ts": ts(x)}}
 import os
+import re
 if os.path.exists({str(bundle / 'models' / 'model.pt2')!r}):
     out["pt2"] = torch.export.load({str(bundle / 'models' / 'model.pt2')!r}).module()(x)
 assert not any(m.startswith("medseg_peft") for m in sys.modules), "medseg_peft was imported"
@@ -130,3 +132,70 @@ def test_export_refuses_a_result_file_of_another_model(exported, tmp_path):
     with pytest.raises(ValueError):
         export_bundle(tmp_path / "b", network=other, result_file=exported["tmp"] / "best_delta.safetensors",
                       class_names=["a", "b", "c", "d"], sam_variant="tiny")
+
+
+def _siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_failed_export_leaves_no_bundle_and_keeps_the_previous_one(damage, exported, tmp_path):
+    """No result file, or a truncated one: an error naming it, no partial bundle; a previous export stays whole."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = run_dir / "best_delta.safetensors"
+    if damage == "truncated":
+        raw = (exported["tmp"] / "best_delta.safetensors").read_bytes()
+        result.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(str(result))):
+        export_bundle(run_dir / "bundle", network=organ_sam(), result_file=result, class_names=CLASSES, sam_variant="tiny")
+    assert _siblings(run_dir) == (["best_delta.safetensors"] if damage == "truncated" else [])
+
+    previous = export_bundle(run_dir / "bundle", network=organ_sam(), result_file=None, class_names=CLASSES, sam_variant="tiny",
+                             torch_export=False)
+    files = {p: p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(str(result))):
+        export_bundle(run_dir / "bundle", network=organ_sam(), result_file=result, class_names=CLASSES, sam_variant="tiny")
+    assert {p: p.read_bytes() for p in previous.rglob("*") if p.is_file()} == files
+    assert _siblings(run_dir) == sorted(["bundle"] + (["best_delta.safetensors"] if damage == "truncated" else []))
+
+
+def test_an_export_replaces_a_previous_one_whole(exported, tmp_path):
+    (tmp_path / "bundle" / "models").mkdir(parents=True)
+    (tmp_path / "bundle" / "models" / "stale.pt").write_bytes(b"an older export's file")
+    bundle = export_bundle(tmp_path / "bundle", network=organ_sam(), result_file=exported["tmp"] / "best_delta.safetensors",
+                           class_names=CLASSES, sam_variant="tiny", torch_export=False)
+    assert _siblings(tmp_path) == ["bundle"] and _siblings(bundle / "models") == ["model.pt", "model.ts"]
+    assert _siblings(bundle) == ["LICENSE", "configs", "docs", "models", "scripts"]
+
+
+def test_an_export_failing_while_it_writes_leaves_the_previous_bundle_and_no_partial_folder(tmp_path, monkeypatch):
+    from medseg_peft import export
+
+    previous = export_bundle(tmp_path / "bundle", network=organ_sam(), result_file=None, class_names=CLASSES, sam_variant="tiny",
+                             torch_export=False)
+    files = {p: p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_trace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_bundle(tmp_path / "bundle", network=organ_sam(seed=1), result_file=None, class_names=CLASSES, sam_variant="tiny")
+    assert _siblings(tmp_path) == ["bundle"] and {p: p.read_bytes() for p in previous.rglob("*") if p.is_file()} == files
+
+
+def test_a_2d_image_given_to_the_exported_bundle_is_one_last_line_naming_it(exported):
+    """Checked from its header before any model work; the one line is the last a Slicer user sees."""
+    tmp = exported["tmp"]
+    flat = tmp / "flat" / "slice_2d.nii.gz"
+    flat.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((30, 26), np.float32), np.eye(4)), flat)
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                           "--dataset_dir", str(flat.parent), "--output_dir", str(tmp / "flat_labels")],
+                          cwd=exported["bundle"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and "Traceback" not in done.stderr and len(lines) < 6, done.stderr[-3000:]
+    assert str(flat) in lines[-1] and "shape (30, 26)" in lines[-1] and lines[-1].startswith("error: VolumeDataError")
+    assert not (tmp / "flat_labels").exists()

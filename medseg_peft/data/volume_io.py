@@ -335,6 +335,18 @@ def check_channels(img: VolumeGeometry, channel: int | None) -> None:
                               f"channels (0..{img.channels - 1})")
 
 
+def check_volumes(paths: Iterable[str | Path], channel: int | None = None) -> list:
+    """``paths``, once every volume is known, from its header alone, to be a 3D volume the pipeline can segment
+    (one channel, or ``channel`` of several); else an error naming the file and its shape.
+
+    Inference checks its inputs with this before any model work: a 2D image would otherwise fail deep in
+    the slice inferer with a window-size error that names no file."""
+    paths = list(paths)
+    for path in paths:
+        check_channels(read_geometry(path), channel)
+    return paths
+
+
 def _check_alignment(img: VolumeGeometry, lab: VolumeGeometry) -> None:
     """Same voxel grid in the same place: otherwise every label voxel describes some other tissue."""
     if img.shape != lab.shape:

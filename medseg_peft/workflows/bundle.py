@@ -101,8 +101,7 @@ def start_run(output_dir: str | Path, seed: int, **numbers) -> None:
 
     from medseg_peft.workflows.guards import check_cli_keys, check_settings, lock_output_dir, short_errors
 
-    if Path(sys.argv[0]).parts[-2:] == ("bundle", "__main__.py"):
-        short_errors()
+    short_errors()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise TypeError(f"setting 'seed' must be a non-negative integer, got {seed!r}")
     check_cli_keys()

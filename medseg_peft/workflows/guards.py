@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from medseg_peft.data.bundle_errors import error_chain, is_wrapper, under_monai_bundle
 from medseg_peft.io import atomic_write_json
 from medseg_peft.distributed import is_main_process
 
@@ -72,7 +73,7 @@ def unknown_keys(keys: list[str], config: dict) -> dict[str, list[str]]:
 def check_cli_keys(argv: list[str] | None = None) -> None:
     """Under ``python -m monai.bundle run``: refuse command-line keys the bundle does not have."""
     argv = sys.argv if argv is None else argv
-    if not argv or Path(argv[0]).parts[-2:] != ("bundle", "__main__.py"):
+    if not under_monai_bundle(argv):
         return  # not the MONAI command line (a notebook, a test, the Python API)
     from monai.bundle import ConfigParser
 
@@ -266,21 +267,6 @@ class ValidateLastEpoch:
 # ---- errors a user can act on -------------------------------------------------------------------
 USER_ERRORS = (ValueError, OSError, FloatingPointError, TypeError, KeyError, NotImplementedError)
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
-_WRAPPER_PREFIXES = ("Failed to evaluate", "Failed to instantiate")  # MONAI's config wrappers: they name a config item, not the cause
-
-
-def error_chain(err: BaseException) -> list[BaseException]:
-    """``err`` and the exceptions it was raised from (``__cause__``, else ``__context__``), outermost first."""
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        chain.append(err)
-        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
-    return chain
-
-
-def _is_wrapper(err: BaseException) -> bool:
-    return type(err) is RuntimeError and str(err).startswith(_WRAPPER_PREFIXES)
 
 
 def _written_for_users(err: BaseException) -> bool:
@@ -307,7 +293,7 @@ def user_error(err: BaseException) -> BaseException | None:
     is truncated``, ``... is in use by another run`` over ``FileExistsError``); else the innermost error of
     a kind a user can act on (a library's ``FileNotFoundError``); MONAI's ``Failed to evaluate ...``
     wrappers never, since they name a config expression, not the cause."""
-    chain = [e for e in error_chain(err) if not _is_wrapper(e)]
+    chain = [e for e in error_chain(err) if not is_wrapper(e)]
     for e in chain:
         if _written_for_users(e):
             return e
@@ -334,8 +320,8 @@ def _short_excepthook(kind, err, tb, _previous=sys.excepthook):
 
 
 def short_errors() -> None:
-    """Print a bundle run's error as one line naming its cause, last (the command line only)."""
-    if sys.excepthook is not _short_excepthook:
+    """Under ``python -m monai.bundle`` only, print a run's error as one line naming its cause, last."""
+    if under_monai_bundle() and sys.excepthook is not _short_excepthook:
         sys.excepthook = _short_excepthook
 
 
