@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import medseg_peft as mp
+from medseg_peft.entries import Selection
 from medseg_peft.models import demo_segmenter, sam_segmenter
 from medseg_peft.models.checkpointing import is_checkpointed, matmul_ops, transformer_blocks
-from medseg_peft.selection.selection import Selection
 
 MIB = 2**20
 CKPT_LABEL = {False: "no", True: "yes", "selective": "selective"}

@@ -99,7 +99,7 @@ def worker(args) -> None:
     import medseg_peft as mp
     from medseg_peft.distributed import barrier, gather_objects, is_main_process, rank, world_size
     from medseg_peft.models import sam_segmenter
-    from medseg_peft.workflows.bundle import destroy_distributed, init_distributed, local_rank
+    from medseg_peft.distributed import destroy_distributed, init_distributed, local_rank
 
     device = torch.device(f"cuda:{local_rank()}") if args.device == "cuda" else torch.device("cpu")
     init_distributed(device)

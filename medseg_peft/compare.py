@@ -22,7 +22,7 @@ The settings compared are the bundle's own ``report#settings`` resolved with thi
 
 The table, ``comparison.json`` and ``comparison.png`` are made from the run folders' ``metrics.json``
 alone, so ``--collect`` on the same folders gives the same rows as the command that ran them: wall time and
-peak memory are the runs' own (``wall_time_s``, ``peak_memory_mib``; ``seconds`` and "-" for runs older than
+peak memory are the runs' own (``wall_time_s``, ``peak_memory_mib``; ``seconds`` and "-" for a metrics.json without
 those keys), and each process's time measured here is kept apart, under ``runs`` in comparison.json.
 ``--collect`` leaves out unfinished runs with a line each; a metrics.json it cannot read (truncated, damaged)
 is named in the table as unreadable, and then nothing is written over the previous comparison (exit 1).
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -41,6 +40,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from medseg_peft.workflows.charts import comparison_chart, duration  # matplotlib loads only when a chart is drawn
 
 PACKAGE_BUNDLES = Path(__file__).resolve().parent / "bundles"
 TASK_METADATA = {"organ_fps.json": "organ_metadata.json", "classify.json": "classify_metadata.json"}
@@ -168,7 +169,7 @@ def _normal(value):
 
 
 def _resolve(parser, ident: str, method: str):
-    from medseg_peft.workflows.guards import root_cause
+    from medseg_peft.workflows.errors import root_cause
 
     try:
         return parser.get_parsed_content(ident)
@@ -204,7 +205,7 @@ def plan(files: list[str], names: list[str], layers: dict[str, Path], settings: 
     from fire.parser import DefaultParseValue  # how `monai.bundle run` reads a command-line value
     from monai.bundle import ConfigParser
 
-    from medseg_peft.workflows.guards import unknown_keys
+    from medseg_peft.workflows.cli import unknown_keys
 
     bad = unknown_keys(list(settings), ConfigParser.load_config_files(files))
     if bad:
@@ -262,7 +263,7 @@ def row(folder: Path, data: dict, out: Path) -> dict:
         percent = 100 * data["trainable_fraction"]
     else:
         percent = data.get("tuned_percent")
-    timed = data.get("wall_time_s") is not None  # training's clock; older runs have only the report's seconds
+    timed = data.get("wall_time_s") is not None  # training's clock; a metrics.json without it has the report's seconds
     return {
         "method": data.get("method") or folder.name,
         "run": os.path.relpath(folder.resolve(), out.resolve()),
@@ -311,17 +312,6 @@ def _scores(scores: dict, shown: list[str]) -> str:
     return " / ".join(_number(scores.get(m), 2 if m == "top1" else 3) for m in shown)
 
 
-def duration(seconds) -> str:
-    if seconds is None:
-        return "-"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def memory(r: dict) -> str:
     if r["peak_memory_mib"] is None:
         return "-"
@@ -351,115 +341,8 @@ def table(rows: list[dict], unreadable: list[tuple[Path, str]] = (), out: Path |
         run = os.path.relpath(path.parent.resolve(), Path(out or path.parent).resolve())
         lines.append(f"| {path.parent.name} | unreadable: {METRICS_FILE} {reason} |" + " - |" * (lines[1].count("|") - 4) + f" {run} |")
     if any(r["wall_time_from"] != "wall_time_s" for r in rows):
-        lines.append("\nwall time: metrics.json's seconds (the report's clock) where a run predates wall_time_s")
+        lines.append("\nwall time: metrics.json's seconds (the report's clock) where a run has no wall_time_s")
     return "\n".join(lines)
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> tuple[list[float], int]:
-    """About ``n`` round values in ``[lo, hi]`` and the decimals that tell them apart."""
-    raw = (hi - lo) / n
-    magnitude = 10 ** math.floor(math.log10(raw))
-    mantissa = next(m for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    step = mantissa * magnitude
-    first = math.ceil(lo / step) * step
-    decimals = max(0, -math.floor(math.log10(step)) + (mantissa == 2.5))
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)], decimals
-
-
-def _dashed(draw, x0: float, x1: float, y: float, fill, dash: int = 8) -> None:
-    x = x0
-    while x < x1:
-        draw.line([(x, y), (min(x + dash, x1), y)], fill=fill, width=2)
-        x += 2 * dash
-
-
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-
-
-def plot(rows: list[dict], path: Path) -> Path:
-    """Best key metric against tuned % (log x), marker area ~ wall time, zero-shot dashed.
-
-    Drawn with PIL, as the contour sheet is: the package declares no plotting library, and one scatter
-    needs none."""
-    from PIL import Image, ImageDraw
-
-    from medseg_peft.workflows import pictures
-
-    key = rows[0]["key_metric"]
-    points = [r for r in rows if r["tuned_percent"] and r["best"].get(key) is not None]
-    zeros = sorted({round(r["zero_shot"][key], 6) for r in rows if r["zero_shot"].get(key) is not None})
-    width, height, left, right, top, bottom = 900, 580, 80, 60, 60, 70
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = pictures.font(15), pictures.font(12)
-    draw.text((left, 16), f"best {key} against the share of tuned parameters", fill="black", font=font)
-    if not points:
-        draw.text((left, height // 2), "no run with a tuned share and a best score", fill="black", font=font)
-        image.save(path)
-        return path
-    logs = [math.log10(r["tuned_percent"]) for r in points]
-    xlo, xhi = math.floor(min(logs)), math.ceil(max(logs))
-    xlo -= xlo == xhi
-    margin = 0.06 * (xhi - xlo)  # a point at a decade (100 %) stays off the frame
-    ys = [r["best"][key] for r in points] + zeros
-    pad = max((max(ys) - min(ys)) * 0.12, 0.02 * (abs(max(ys)) or 1))
-    ylo, yhi = min(ys) - pad, max(ys) + pad
-    x1, y1 = width - right, height - bottom
-
-    def X(percent):
-        return left + (math.log10(percent) - xlo + margin) / (xhi - xlo + 2 * margin) * (x1 - left)
-
-    def Y(value):
-        return y1 - (value - ylo) / (yhi - ylo) * (y1 - top)
-
-    for e in range(xlo, xhi + 1):  # decades: grid, tick, label; 2..9 minor ticks
-        x = X(10.0**e)
-        draw.line([(x, top), (x, y1)], fill="#e6e6e6")
-        draw.line([(x, y1), (x, y1 + 6)], fill="black")
-        draw.text((x - 14, y1 + 10), f"{10.0**e:g} %", fill="black", font=small)
-        for m in range(2, 10):
-            if e < xhi:
-                draw.line([(X(m * 10.0**e), y1), (X(m * 10.0**e), y1 + 3)], fill="black")
-    ticks, decimals = _ticks(ylo, yhi)
-    for v in ticks:
-        draw.line([(left, Y(v)), (x1, Y(v))], fill="#e6e6e6")
-        draw.line([(left - 6, Y(v)), (left, Y(v))], fill="black")
-        draw.text((8, Y(v) - 7), f"{v:.{decimals}f}", fill="black", font=small)
-    draw.rectangle([left, top, x1, y1], outline="black")
-    draw.text((left + (x1 - left) // 2 - 150, height - 30), "tuned parameters, % of the model (log scale)", fill="black", font=font)
-    draw.text((left, top - 20), f"best {key}", fill="black", font=small)
-    for z in zeros:
-        _dashed(draw, left, x1, Y(z), "#777777")
-        draw.text((left + 6, Y(z) + 4), f"zero-shot {z:.3g}", fill="#555555", font=small)
-    times = [r["wall_time_s"] for r in points if r["wall_time_s"]]
-    if times:
-        draw.text((x1 - 260, top - 20), f"marker area ~ wall time (largest {duration(max(times))})", fill="black", font=small)
-    repeated = {m for m in (r["method"] for r in points) if sum(q["method"] == m for q in points) > 1}
-    placed: list[tuple[float, float, float, float]] = []
-    for i, r in enumerate(points):
-        radius = 3 + 13 * math.sqrt(r["wall_time_s"] / max(times)) if r["wall_time_s"] and times else 5
-        x, y = X(r["tuned_percent"]), Y(r["best"][key])
-        colour = PALETTE[i % len(PALETTE)]
-        layer = Image.new("RGBA", image.size, (0, 0, 0, 0))  # see-through markers: methods at one share stay visible
-        ImageDraw.Draw(layer).ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour + "b0", outline="black")
-        image = Image.alpha_composite(image.convert("RGBA"), layer)
-        draw = ImageDraw.Draw(image)
-        label = r["run"] if r["method"] in repeated else r["method"]
-        placed.append(_label(draw, label, x, y, radius, colour, font, placed, width))
-    return pictures.save_png(image.convert("RGB"), path)
-
-
-def _label(draw, text: str, x: float, y: float, radius: float, colour: str, font, placed: list, width: int):
-    """Write ``text`` beside its marker (left of it near the right edge), moved down or up past labels already written."""
-    box = draw.textbbox((0, 0), text, font=font)
-    w, h = box[2] - box[0], box[3] - box[1] + 4
-    lx = x + radius + 4 if x + radius + 4 + w < width - 4 else x - radius - 4 - w
-    for shift in (0, h, -h, 2 * h, -2 * h, 3 * h, -3 * h):
-        ly = y - h / 2 + shift
-        if not any(lx < b[2] and b[0] < lx + w and ly < b[3] and b[1] < ly + h for b in placed):
-            break
-    draw.text((lx, ly), text, fill=colour, font=font)
-    return (lx, ly, lx + w, ly + h)
 
 
 def common_parent(folders: list[Path]) -> Path:
@@ -471,7 +354,7 @@ def write(rows: list[dict], out: Path, done: list[dict], argv: list[str]) -> Non
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json({"key_metric": rows[0]["key_metric"], "rows": rows, "runs": done, "command": argv}, out / "comparison.json")
-    plot(rows, out / "comparison.png")
+    comparison_chart(rows, out / "comparison.png")
 
 
 def collect(root: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:

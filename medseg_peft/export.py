@@ -57,8 +57,7 @@ def _version(package: str) -> str:
 
 def merged_network(network: nn.Module, result_file: str | Path | None) -> nn.Module:
     """``network`` with a result file (delta checkpoint or full state_dict) loaded and merged in."""
-    from medseg_peft.tuning import is_attached, merge
-    from medseg_peft.workflows.tuned_state import load_tuned
+    from medseg_peft.tuning import is_attached, load_tuned, merge
 
     network = network.cpu().eval()
     if result_file is None:

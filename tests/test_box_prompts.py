@@ -114,7 +114,7 @@ def test_selection_sees_the_box_prompts():
     """A selector given MONAI batches with "box" runs the model with those boxes, as training will."""
     from torch.nn import functional as F
 
-    from medseg_peft.data.batches import ModelInputs, call_model, split_batch
+    from medseg_peft.selection.batches import ModelInputs, call_model, split_batch
 
     net = sam_segmenter("tiny_lite")
     g = torch.Generator().manual_seed(3)

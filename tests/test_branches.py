@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import medseg_peft as mp
 from conftest import train_steps
-from medseg_peft.selection.selection import ADAPTER, LORA, Entries, Selection
+from medseg_peft.entries import ADAPTER, LORA, Entries, Selection
 from medseg_peft.selection.spt import SPT
 
 

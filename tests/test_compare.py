@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from medseg_peft import compare
+from medseg_peft.workflows import charts
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 POLYP = str(BUNDLES / "polyp_fps.json")
@@ -86,7 +87,7 @@ def _fake_run(folder: Path, method: str, key: str, epochs: int = 2, done: int = 
 def test_collect_reads_new_and_older_metrics_and_leaves_out_unfinished_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(compare, "launch", _refuse)
     runs = tmp_path / "runs"
-    _fake_run(runs / "classify_synthetic_full", "full", "top1", seconds=125.0, trainable=5000, tuned_percent=100.0)  # before the new keys
+    _fake_run(runs / "classify_synthetic_full", "full", "top1", seconds=125.0, trainable=5000, tuned_percent=100.0)  # a metrics.json without wall_time_s / peak_memory_mib
     _fake_run(runs / "classify_synthetic_gps", "gps", "top1", seconds=80.0, wall_time_s=70.0, trainable=50,
               trainable_fraction=0.01, tuned_percent=1.0, peak_memory_mib=2048.4, peak_memory_kind="cuda_max_allocated")
     _fake_run(runs / "classify_synthetic_fps", "fps", "top1", done=1, seconds=5.0, trainable=50, tuned_percent=1.0)
@@ -99,7 +100,18 @@ def test_collect_reads_new_and_older_metrics_and_leaves_out_unfinished_runs(tmp_
     assert full.startswith("| full | 5,000 | 100 | 10.00 | 30.00 | 2 (of 2) | 2 min 05 s | - |")
     rows = json.loads((runs / "comparison.json").read_text())["rows"]
     assert [(r["wall_time_from"], r["peak_memory_mib"]) for r in rows] == [("wall_time_s", 2048.4), ("seconds", None)]
-    assert Image.open(runs / "comparison.png").size == (900, 580)
+    with Image.open(runs / "comparison.png") as png:
+        assert png.format == "PNG" and 300 <= png.width <= 3000 and 300 <= png.height <= 3000
+    # the chart shows each finished run at its tuned share and best score, the longer run's marker the larger
+    chart = charts.chart_points(rows)
+    assert [(p["label"], p["tuned_percent"], p["best"]) for p in chart["points"]] == [
+        (r["method"], r["tuned_percent"], r["best"]["top1"]) for r in rows]
+    gps_area, full_area = (p["area"] for p in chart["points"])
+    assert full_area > gps_area and chart["zero_shot"] == sorted({r["zero_shot"]["top1"] for r in rows})
+    figure = charts.comparison_figure(rows)
+    shown = [t.get_text() for t in figure.axes[0].texts]
+    assert {"gps", "full"} <= set(shown) and any(t.startswith("zero-shot ") for t in shown)
+    assert figure.axes[0].get_xscale() == "log" and figure.axes[0].get_title(loc="left") == "best top1 against the share of tuned parameters"
     # runs of another key metric are not mixed into one table
     _fake_run(runs / "polyp_fps", "fps", "mDice", seconds=5.0, trainable=50, tuned_percent=1.0)
     assert compare.main(["--collect", str(runs)]) == 2

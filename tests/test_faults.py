@@ -14,7 +14,9 @@ from PIL import Image
 
 import medseg_peft as mp
 from conftest import BUNDLES, error_chain, run_workflow
-from medseg_peft.workflows.guards import FiniteLoss, RunLock, check_cli_keys, unknown_keys
+from medseg_peft.workflows.cli import check_cli_keys, unknown_keys
+from medseg_peft.workflows.handlers import FiniteLoss
+from medseg_peft.workflows.run_folder import RunLock
 
 TINY = dict(epochs=1, synthetic_images=16, batch_size=4, image_size=64, select_batches=2, num_workers=0)
 
@@ -126,7 +128,7 @@ def test_a_run_whose_val_interval_skips_the_last_epoch_still_has_a_result(tmp_pa
 
 # 6. one run per folder
 def test_two_runs_in_one_folder_the_second_stops(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", f"from medseg_peft.workflows.guards import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+    holder = subprocess.Popen([sys.executable, "-c", f"from medseg_peft.workflows.run_folder import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
                                "import time; print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -219,7 +221,7 @@ def test_a_flipped_byte_in_a_delta_file_is_refused(vit, vit_batches, tmp_path):
 def test_random_state_round_trips_through_a_checkpoint():
     import random
 
-    from medseg_peft.workflows.bundle import RandomState
+    from medseg_peft.workflows.checkpoints import RandomState
 
     saved = RandomState().state_dict()
     expected = (random.random(), np.random.rand(), torch.rand(1))
@@ -443,7 +445,7 @@ def _raised(make):
 
 
 def test_the_short_error_names_our_wrapper_not_the_low_level_cause(tmp_path, capsys):
-    from medseg_peft.workflows.guards import _short_excepthook, user_error
+    from medseg_peft.workflows.errors import _short_excepthook, user_error
 
     from medseg_peft.data.polyp_folders import check_contents
 
@@ -464,7 +466,7 @@ def test_the_short_error_names_our_wrapper_not_the_low_level_cause(tmp_path, cap
 
     err = _raised(wrapped(truncated))
     assert str(user_error(err)).startswith(f"image {data / 'images' / 'c1.png'}")
-    holder = subprocess.Popen([sys.executable, "-c", f"from medseg_peft.workflows.guards import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+    holder = subprocess.Popen([sys.executable, "-c", f"from medseg_peft.workflows.run_folder import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
                                "import time; print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -481,7 +483,7 @@ def test_the_short_error_names_our_wrapper_not_the_low_level_cause(tmp_path, cap
 
 
 def test_a_checkpoint_that_is_a_text_file_is_named_in_one_line(tmp_path):
-    from medseg_peft.workflows.guards import user_error
+    from medseg_peft.workflows.errors import user_error
     from medseg_peft.workflows import polyp_network
 
     text = tmp_path / "notes.pth"

@@ -20,7 +20,7 @@ def test_selection_and_tuning_import_no_monai():
         "import json, sys\n"
         "import medseg_peft\n"
         "import medseg_peft.selection, medseg_peft.tuning\n"
-        "from medseg_peft.data import iter_batches\n"
+        "from medseg_peft.selection import iter_batches\n"
         "for name in medseg_peft.__all__: getattr(medseg_peft, name)\n"
         "medseg_peft.FPS; medseg_peft.attach; medseg_peft.selection.supcon_loss; medseg_peft.tuning.Delta\n"
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
@@ -42,6 +42,6 @@ def test_bundle_facing_names_load_on_use():
         "  'all_data': all(hasattr(mp.data, n) for n in mp.data.__all__), 'all_workflows': all(hasattr(mp.workflows, n) for n in mp.workflows.__all__),\n"
         "  'monai': 'monai' in sys.modules}))"
     )
-    assert got == {"train": True, "checkpoints": "medseg_peft.workflows.bundle", "polyp_transforms": "function", "contour_sheet": "function",
+    assert got == {"train": True, "checkpoints": "medseg_peft.workflows.checkpoints", "polyp_transforms": "function", "contour_sheet": "function",
                    "synthetic_organs": "medseg_peft.data.synthetic_organs", "export": "medseg_peft.export", "all_data": True, "all_workflows": True,
                    "monai": True}

@@ -7,8 +7,8 @@ import torch
 
 import medseg_peft as mp
 from conftest import train_steps
+from medseg_peft.entries import Selection
 from medseg_peft.selection.lora import LoRA
-from medseg_peft.selection.selection import Selection
 
 
 def test_lora_selects_qkv_and_head(vit, vit_batches):

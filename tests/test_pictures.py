@@ -8,19 +8,34 @@ from ignite.engine import Engine, Events
 from PIL import Image
 
 import medseg_peft as mp
-from medseg_peft.workflows.contour_sheet import contour_sheet, draw_tile, tile_dice
+from medseg_peft.workflows.charts import new_figure
+from medseg_peft.workflows.contour_sheet import contour_figure, contour_sheet, draw_tile, predictions, tile_dice
 from medseg_peft.workflows.metrics import per_image_scores
-from medseg_peft.workflows.pictures import (base_numels, curve_series, draw_selection, draw_training_curve, kind_of, part_of,
-                                            selection_from_flags, selection_table)
+from medseg_peft.workflows.pictures import (base_numels, block_label, curve_series, draw_selection, draw_training_curve, kind_of,
+                                            part_of, selection_figure, selection_from_flags, selection_table, training_curve_figure)
 from medseg_peft.workflows.report import RunReport
 
 
 def _png(path):
-    """The picture at ``path`` opens as a PNG with some size."""
+    """The picture at ``path`` opens as a PNG of a readable size, and no temporary file is left beside it."""
     assert path.is_file() and path.stat().st_size > 0
+    assert not list(path.parent.glob(f".{path.name}.*"))
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.width > 50 and image.height > 50
+        assert image.format == "PNG" and 200 <= image.width <= 4000 and 200 <= image.height <= 4000
         return image.size
+
+
+def _texts(figure) -> list[str]:
+    """Every text the figure shows: titles, tick labels, legend entries and titles, free texts."""
+    from matplotlib.text import Text
+
+    figure.canvas.draw()  # tick labels exist once laid out
+    return [t.get_text() for t in figure.findobj(Text) if t.get_text() and t.get_visible()]
+
+
+def _legend(ax_or_figure) -> list[str]:
+    legend = ax_or_figure.get_legend() if hasattr(ax_or_figure, "get_legend") else ax_or_figure.legends[0]
+    return [t.get_text() for t in legend.get_texts()]
 
 
 def test_parameter_kinds_and_parts():
@@ -41,6 +56,16 @@ def test_selection_picture_of_fps_on_tiny_sam(sam, sam_batches, tmp_path):
     assert sum(n for _, n in table["groups"].values()) == sum(p.numel() for p in sam.parameters())
     assert table["groups"]["mask_decoder"][0] > 0 and "prompt_encoder" in table["groups"]
     assert table["cells"][(-1, 0), "attention"][0] == selection["image_encoder.blocks.0.attn.qkv.weight"].count + selection["image_encoder.blocks.0.attn.proj.weight"].count
+    figure = selection_figure(selection, numels)
+    heat, bars = figure.axes[:2]
+    assert [t.get_text() for t in heat.get_yticklabels()] == [block_label(b) for b in table["blocks"]]
+    assert [t.get_text() for t in heat.get_xticklabels()] == table["kinds"]
+    assert [t.get_text() for t in bars.get_yticklabels()] == list(table["groups"])
+    assert [round(p.get_width()) for p in bars.patches] == [t for t, _ in table["groups"].values()]
+    texts = _texts(figure)
+    assert f"trainable {selection.num_trainable:,} of {selection.total_params:,}" in figure.get_suptitle()
+    trained, total = table["groups"]["mask_decoder"]
+    assert any(t.startswith(f"{trained:,} of {total:,} (") for t in texts)  # each part's count, written beside its bar
     _png(draw_selection(selection, tmp_path / "selection.png", numels))
 
 
@@ -83,6 +108,15 @@ def test_training_curve_from_a_small_history(tmp_path):
     loss, metrics = curve_series(history, "mDice", [{"epoch": 2, "loss": 0.7}])
     assert loss == {"train loss (mean per epoch)": [(1, 0.9), (2, 0.7), (3, 0.6)]}
     assert list(metrics) == ["mDice", "mIoU"] and metrics["mDice"][0] == (0, 0.3)
+    figure = training_curve_figure(history, "mDice", [{"epoch": 2, "loss": 0.7}], title="fps: run")
+    top, bottom = figure.axes
+    assert figure.get_suptitle() == "fps: run" and top.get_title(loc="left") == "training loss"
+    assert "key metric mDice" in bottom.get_title(loc="left") and bottom.get_xlabel() == "epoch"
+    assert _legend(top) == list(loss) and _legend(bottom) == ["mDice", "mIoU"]
+    plotted = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for ax in (top, bottom) for line in ax.get_lines()}
+    assert plotted == {**loss, **metrics}  # every point of the series, nothing else
+    empty = training_curve_figure([], "mDice")
+    assert "nothing recorded yet" in _texts(empty) and all(not ax.get_lines() for ax in empty.axes)
     path = draw_training_curve(history, tmp_path / "training_curve.png", "mDice")
     _png(path)
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed over the target
@@ -130,8 +164,10 @@ def test_tile_dice_by_hand():
     true2 = true.clone()
     true2[3, 3] = 2
     assert tile_dice(pred, true2, num_classes=3) == pytest.approx((0.75 + 0.0) / 2)
-    # the sheet's binary tiles score as the validation metric scores the image
-    _, dice = draw_tile(torch.zeros(3, 4, 4), true, pred, 1)
+    # the sheet's binary tiles score as the validation metric scores the image, and print that score
+    ax = new_figure(2, 2).add_subplot()
+    dice = draw_tile(ax, torch.zeros(3, 4, 4), true, pred, 1)
+    assert [t.get_text() for t in ax.texts] == [f"Dice {dice:.3f}"]
     assert dice == pytest.approx(float(per_image_scores(pred[None, None].float(), true[None, None].float())["dice"][0]))
 
 
@@ -159,10 +195,21 @@ def test_contour_sheet_with_a_legend_writes(tmp_path):
     label[:, :, 5:15, 15:25] = 1
     label[:, :, 30:40, 15:25] = 2
     binary = [{"image": torch.rand(2, 3, 48, 48, generator=g) * 255, "label": (label > 0).float()}]
-    w, h = _png(contour_sheet(_Circles(1), binary, tmp_path / "binary.png", torch.device("cpu"), max_images=3))
-    assert (w, h) != (2 * 48, 48) and h > 48  # the legend strip below the tiles
+    _png(contour_sheet(_Circles(1), binary, tmp_path / "binary.png", torch.device("cpu"), max_images=3))
+    tiles = [(image, true, pred) for image, true, pred, _ in predictions(_Circles(1), binary, torch.device("cpu"), 3, "softmax")]
+    figure = contour_figure(tiles, 1)
+    assert _legend(figure) == ["true outline", "prediction"]
+    dice = [t.get_text() for ax in figure.axes for t in ax.texts]
+    assert dice == [f"Dice {tile_dice(pred, true):.3f}" for _, true, pred in tiles]  # one score per image, in its corner
+    assert all(len(ax.collections) >= 2 for ax in figure.axes[: len(tiles)])  # a true and a predicted outline on each
     organ = [{"image": torch.rand(2, 1, 48, 48, generator=g), "label": label}]
     _png(contour_sheet(_Circles(3), organ, tmp_path / "organ.png", torch.device("cpu"), class_names=["liver", "kidney"]))
+    tiles = [(image, true, pred) for image, true, pred, _ in predictions(_Circles(3), organ, torch.device("cpu"), 8, "softmax")]
+    figure = contour_figure(tiles, 2, class_names=["liver", "kidney"])
+    assert _legend(figure) == ["liver", "kidney", "true outline: solid", "prediction: dashed"]
+    assert "mean over the classes" in figure.legends[0].get_title().get_text()
+    with pytest.raises(ValueError, match="no images"):
+        contour_figure([], 1)
 
 
 def test_the_best_file_keeps_the_scored_networks_weights(vit, tmp_path):

@@ -70,7 +70,7 @@ def test_method_settings_are_the_methods_own(tmp_path):
     with pytest.raises(Exception) as info:
         run_bundle(["polyp_fps.json", "methods/lora.json"], tmp_path / "run", **{"selector#k": 2})
     assert "unexpected keyword argument 'k'" in error_chain(info.value)
-    # --method no longer switches a method silently: it names the layer to use
+    # --method does not switch a method silently: it names the layer to use
     with pytest.raises(Exception) as info:
         run_bundle("polyp_fps.json", tmp_path / "run2", method="gps")
     assert "bundles/methods/gps.json" in error_chain(info.value)

@@ -132,7 +132,7 @@ def test_a_damaged_named_checkpoint_is_refused(monkeypatch, tmp_path):
 def test_rows_shorter_than_k_are_trained_whole():
     """A 1x1 patch convolution on 3 channels has 3 entries per row: K = 8 takes them all."""
     import medseg_peft as mp
-    from medseg_peft.selection.selection import ROWS, WHOLE
+    from medseg_peft.entries import ROWS, WHOLE
 
     net = sam_segmenter("tiny_lite")
     selection = mp.FPS(k=8).select(net, [torch.rand(1, 3, 64, 64) * 255])

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import medseg_peft as mp
+from medseg_peft.entries import LORA, ROWS, WHOLE, row_view_shape
 from medseg_peft.models import sam_segmenter
 from medseg_peft.selection.base import METHODS
 from medseg_peft.selection.eligibility import always_trained, assign_roles, is_sam, is_tiny_vit
 from medseg_peft.selection.registry import _import_methods
-from medseg_peft.selection.selection import LORA, ROWS, WHOLE, row_view_shape
 
 _import_methods()  # every registered method, so a new one is exercised here too
 

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar
 
-from medseg_peft.workflows.bundle import EpochSummary, progress_handlers
+from medseg_peft.workflows.handlers import EpochSummary, progress_handlers
 
 
 class FakeTerminal(io.StringIO):
@@ -59,7 +59,7 @@ def test_a_terminal_gets_the_bar(caplog):
 
 
 def test_the_bundles_train_handlers_use_them(tmp_path):
-    from medseg_peft.workflows.bundle import train_handlers
+    from medseg_peft.workflows.handlers import train_handlers
 
     opt = _optimizer()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import medseg_peft as mp
 from conftest import train_steps
+from medseg_peft.entries import FLAT, ROWS, Entries, Selection
 from medseg_peft.models import sam_segmenter
-from medseg_peft.selection.selection import FLAT, ROWS, Entries, Selection
 from medseg_peft.tuning import tuning_state
 
 

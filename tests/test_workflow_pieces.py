@@ -146,6 +146,21 @@ def test_device_takes_cuda_n_and_refuses_what_this_machine_lacks(monkeypatch):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
+def test_the_multi_gpu_layer_keeps_the_device_asked_for(monkeypatch):
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLES
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / "polyp_fps.json"), str(BUNDLES / "multi_gpu.json")])
+    parser["device"] = "cpu"
+    assert parser.get_parsed_content("torch_device") == torch.device("cpu")
+    if torch.cuda.device_count() > 1:
+        parser["device"] = "cuda"
+        assert parser.get_parsed_content("torch_device", lazy=False) == torch.device("cuda", 1)
+
+
 @pytest.mark.parametrize("meta", ["metadata.json", "organ_metadata.json", "classify_metadata.json"])
 def test_each_task_bundle_has_metadata_that_verifies(meta):
     import json

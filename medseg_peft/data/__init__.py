@@ -1,18 +1,16 @@
-"""Data: batch conventions, 2D polyp folders, 3D volumes (readers, layouts, pre-processing), synthetic polyps and organs.
+"""Data: 2D image folders, 3D volumes (readers, layouts, pre-processing), synthetic polyps and organs.
 
-Each name loads its module on first use: the selectors need only ``batches`` (torch alone), and
-importing this package for it must not pull MONAI's transforms and nibabel in behind it.
+Each name loads its module on first use: a script that only lists or splits a folder must not pull
+MONAI's transforms and nibabel in behind it.
 """
 
-from medseg_peft import _lazy_package
+from medseg_peft.lazy import lazy_package
 
 _EXPORTS = {
-    "iter_batches": "batches",
-    "split_batch": "batches",
     "check_pairs": "polyp_folders",
-    "pair_by_stem": "polyp_folders",
+    "pair_by_stem": "folders",
     "polyp_datalists": "polyp_folders",
-    "split_by_stem": "polyp_folders",
+    "split_by_stem": "folders",
     "polyp_transforms": "polyp_transforms",
     "ORGAN_CLASSES": "synthetic_organs",
     "make_synthetic_organs": "synthetic_organs",
@@ -35,7 +33,7 @@ _EXPORTS = {
     "volume_preprocessing": "volume_transforms",
     "volume_preprocessing_config": "volume_transforms",
 }
-_lazy_package(__name__, _EXPORTS)
+lazy_package(__name__, _EXPORTS)
 
 __all__ = [
     "INTENSITY_PRESETS",
@@ -57,12 +55,10 @@ __all__ = [
     "write_label_volume",
     "check_pairs",
     "default_cache_dir",
-    "iter_batches",
     "make_synthetic_polyps",
     "pair_by_stem",
     "polyp_datalists",
     "polyp_image_pair",
     "polyp_transforms",
-    "split_batch",
     "split_by_stem",
 ]

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from medseg_peft.data.cache import default_cache_dir
-from medseg_peft.data.polyp_folders import IMAGE_SUFFIXES, _image_mask_dirs, _listing, image_files, pair_by_stem
+from medseg_peft.data.folders import IMAGE_SUFFIXES, _image_mask_dirs, _listing, image_files, pair_by_stem
 
 log = logging.getLogger("medseg_peft")
 

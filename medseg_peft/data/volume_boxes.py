@@ -50,6 +50,13 @@ BOX_FILE_KEY, BOX_KEY = "box_file", "box"
 EMPTY_LOGIT = -20.0  # SamSegmenter's logit for an output channel no box asks for: a slice no box spans is all this
 
 
+def check_prompt(prompt: str) -> str:
+    """``prompt`` when it is one of :data:`PROMPTS`; otherwise a ``ValueError`` naming them."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    return prompt
+
+
 def box_file_for(image: str | Path, box_dir: str | Path | None = None) -> Path:
     """Where the boxes of ``image`` are: ``<stem>.boxes.json`` beside it, or in ``box_dir``."""
     folder = Path(image).parent if box_dir in (None, "", "None", "null") else Path(box_dir).expanduser()
@@ -108,9 +115,7 @@ def box_datalist(images: Sequence[str | Path], prompt: str = "none", box_dir: st
     before the network is built or any volume loaded, so a bad file stops the run at once.
     ``activation`` is the model's: box prompts need its per-class sigmoid outputs.
     """
-    if prompt not in PROMPTS:
-        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
-    if prompt == "none":
+    if check_prompt(prompt) == "none":
         return [{"image": p} for p in images]
     if activation not in (None, "sigmoid"):
         raise ValueError(f"prompt 'box' needs a model with per-class sigmoid outputs (activation 'sigmoid'), but activation is {activation!r}")

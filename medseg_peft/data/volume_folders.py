@@ -4,8 +4,8 @@ MSD task folders are read through their ``training`` list rather than by listing
 official archives carry macOS ``._*`` shadow files there that are not NIfTI at all, and following the
 list skips them without a special case. Class names come from ``dataset.json`` ``labels`` or from the
 user (required for the plain layout, which has no place to name them). The train / validation split
-is the polyp loader's seeded hash of file stems, so it is the same on every machine and independent
-of listing order.
+is the 2D loaders' seeded hash of file stems (:func:`medseg_peft.data.folders.split_by_stem`), so it is
+the same on every machine and independent of listing order.
 
 Only the layout is checked here (keys, files present, pairing); whether a pair's shapes, affines and
 label values agree is :func:`medseg_peft.data.volume_io.check_volume_pair`'s job.
@@ -19,7 +19,7 @@ import numbers
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from medseg_peft.data.polyp_folders import split_by_stem
+from medseg_peft.data.folders import split_by_stem
 from medseg_peft.data.volume_io import VOLUME_SUFFIXES, VolumeDataError, is_dicom_dir, volume_stem
 
 log = logging.getLogger("medseg_peft")

@@ -25,7 +25,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, MapTransform
 
-from medseg_peft.workflows.prompts import check_prompt
+from medseg_peft.data.volume_boxes import check_prompt
 
 # Window presets: (lower, upper) HU mapped to [0, 1] with clipping. ct_soft_tissue is MedSAM's
 # WL 40 / WW 400 (pre_CT_MR.py); ct_abdomen is SAMed's [-125, 275] (preprocess/README.md); ct_lung is

@@ -27,9 +27,11 @@ from typing import ClassVar, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from medseg_peft.distributed import all_reduce_sum, check_same_on_every_rank
+from medseg_peft.entries import WHOLE, Entries, Selection
 from medseg_peft.selection.eligibility import SELECT, TRAIN, assign_roles
 from medseg_peft.selection.rules import check_k, topk_per_row
-from medseg_peft.selection.selection import WHOLE, Entries, Selection
+from medseg_peft.tuning.attach import attach, is_attached
 
 log = logging.getLogger("medseg_peft")
 
@@ -120,9 +122,6 @@ class Selector:
 
     # ---- the shared life cycle -------------------------------------------------------------------
     def select(self, model: nn.Module, batches: Iterable = ()) -> Selection:
-        from medseg_peft.distributed import check_same_on_every_rank
-        from medseg_peft.tuning.attach import is_attached
-
         if is_attached(model):
             raise ValueError("select() needs the base model; this one already has attached deltas")
         selection = self.build(model, batches)
@@ -131,8 +130,6 @@ class Selector:
 
     def apply(self, model: nn.Module, selection: Selection) -> nn.Module:
         """Make ``selection`` trainable on ``model``: attach its deltas (a method may train otherwise)."""
-        from medseg_peft.tuning.attach import attach
-
         return attach(model, selection)
 
     def __call__(self, model: nn.Module, batches: Iterable = ()) -> nn.Module:
@@ -194,8 +191,6 @@ class ScoredSelector(Selector):
     # ---- shared ---------------------------------------------------------------------------------
 
     def build(self, model: nn.Module, batches: Iterable) -> Selection:
-        from medseg_peft.distributed import all_reduce_sum
-
         roles = assign_roles(model, self.rules(model))
         selectable = [n for n, r in roles.items() if r == SELECT]
         self.check_selectable(dict(model.named_parameters()), selectable)

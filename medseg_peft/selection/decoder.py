@@ -11,10 +11,10 @@ from typing import Iterable
 
 from torch import nn
 
+from medseg_peft.entries import WHOLE, Entries, Selection
 from medseg_peft.selection.base import settings_dataclass
 from medseg_peft.selection.eligibility import always_trained, is_sam
 from medseg_peft.selection.full import Full
-from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 
 @settings_dataclass

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import call_model, iter_batches
+from medseg_peft.entries import row_view_shape
 from medseg_peft.selection.base import TopKSelector, model_device, settings_dataclass
-from medseg_peft.selection.selection import row_view_shape
+from medseg_peft.selection.batches import call_model, iter_batches
 
 log = logging.getLogger("medseg_peft")
 

@@ -11,8 +11,8 @@ from typing import Iterable
 
 from torch import nn
 
+from medseg_peft.entries import WHOLE, Entries, Selection
 from medseg_peft.selection.base import Selector, settings_dataclass
-from medseg_peft.selection.selection import WHOLE, Entries, Selection
 
 
 @settings_dataclass

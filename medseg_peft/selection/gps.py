@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.selection.base import NOT_SAVED, TopKSelector, gradients_for, model_device, settings_dataclass
+from medseg_peft.selection.batches import call_model, iter_batches
 from medseg_peft.selection.supcon import supcon_loss
 
 LOSSES = ("supcon", "ce")

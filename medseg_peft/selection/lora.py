@@ -16,10 +16,11 @@ from typing import Iterable
 
 from torch import nn
 
+from medseg_peft.entries import LORA, WHOLE, Entries, Selection
 from medseg_peft.selection.base import Selector, model_device, seeded, settings_dataclass
 from medseg_peft.selection.eligibility import always_trained
 from medseg_peft.selection.rules import check_positive_int, check_rate
-from medseg_peft.selection.selection import LORA, WHOLE, Entries, Selection
+from medseg_peft.tuning.attach import attach
 
 DEFAULT_TARGETS = r"(^|\.)blocks\.\d+\.attn\.qkv\.weight$"
 
@@ -70,7 +71,5 @@ class LoRA(Selector):
         return Selection(entries, sum(p.numel() for p in model.parameters()), self.method, self.hparams())
 
     def apply(self, model: nn.Module, selection: Selection) -> nn.Module:
-        from medseg_peft.tuning.attach import attach
-
         with seeded(self.seed, model_device(model)):
             return attach(model, selection, dropout=self.dropout, drop_path=self.drop_path)

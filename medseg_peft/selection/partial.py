@@ -54,12 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import call_model, iter_batches
 from medseg_peft.distributed import average_gradients
-from medseg_peft.selection.eligibility import UNUSED_HEAD, always_trained
+from medseg_peft.entries import WHOLE, Entries, Selection
 from medseg_peft.selection.base import Selector, check_max_batches, model_device, seeded, settings_dataclass
+from medseg_peft.selection.batches import call_model, iter_batches
+from medseg_peft.selection.eligibility import UNUSED_HEAD, always_trained
 from medseg_peft.selection.rules import check_positive_int
-from medseg_peft.selection.selection import WHOLE, Entries, Selection
+from medseg_peft.tuning import load_delta, merge
 
 log = logging.getLogger("medseg_peft")
 
@@ -188,8 +189,6 @@ def finetuned_state(model: nn.Module, source: str | Path) -> dict[str, torch.Ten
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("medseg_peft", "{}"))
         if meta.get("format") == "medseg_peft.delta":  # a sparse / LoRA result: apply it to a copy of the base
-            from medseg_peft.tuning import load_delta, merge
-
             return {n: p.detach() for n, p in merge(load_delta(copy.deepcopy(model), path)).named_parameters()}
         from safetensors.torch import load_file
 

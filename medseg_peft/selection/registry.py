@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
-import medseg_peft.selection as _package
 from medseg_peft.selection.base import METHODS, Selector
+
+# the package's folder and name, read off this file: importing the package here would make it import itself
+_PACKAGE_DIR, _PACKAGE = Path(__file__).parent, __name__.rpartition(".")[0]
 
 
 def _import_methods() -> None:
     """Import every module of this package, so each method in it registers (a new method is a new file)."""
-    for info in pkgutil.iter_modules(_package.__path__):
-        importlib.import_module(f"{_package.__name__}.{info.name}")
+    for info in pkgutil.iter_modules([str(_PACKAGE_DIR)]):
+        importlib.import_module(f"{_PACKAGE}.{info.name}")
 
 
 def settings_of(cls: type[Selector]) -> list[str]:

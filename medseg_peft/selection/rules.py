@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from medseg_peft.selection.selection import FLAT, ROWS, WHOLE, Entries, row_view_shape
+from medseg_peft.entries import FLAT, ROWS, WHOLE, Entries, row_view_shape
 
 
 def check_positive_int(value, what: str, meaning: str = "") -> int:

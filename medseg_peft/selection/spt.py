@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.data.batches import call_model, iter_batches
+from medseg_peft.entries import ADAPTER, FLAT, LORA, WHOLE, Entries, Selection, branch_cost, row_view_shape
 from medseg_peft.selection.base import ScoredSelector, gradients_for, model_device, seeded, settings_dataclass
+from medseg_peft.selection.batches import call_model, iter_batches
 from medseg_peft.selection.eligibility import FREEZE, SELECT, TRAIN, UNUSED_HEAD, auto_preset, in_tiny_vit
 from medseg_peft.selection.rules import check_positive_int, check_rate
-from medseg_peft.selection.selection import ADAPTER, FLAT, LORA, WHOLE, Entries, Selection, branch_cost, row_view_shape
+from medseg_peft.tuning.attach import attach
 
 SPT_PRESETS: dict[str, list[dict]] = {
     # reference: head / cls_token trained whole; patch_embed / pos_embed frozen; block matrices and
@@ -316,8 +317,6 @@ class SPT(ScoredSelector):
     def apply(self, model: nn.Module, selection: Selection) -> nn.Module:
         """Attach with the reference's branch regularisation: dropout on every branch input but the
         attention projection's, drop-path on every branch output."""
-        from medseg_peft.tuning.attach import attach
-
         dropout = {n: 0.0 if ATTENTION_PROJ.search(n) else self.dropout for n in selection.entries}
         with seeded(self.seed, model_device(model)):  # the branches' initialisation is reproducible
             return attach(model, selection, dropout=dropout, drop_path=self.drop_path)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.selection.selection import ADAPTER
+from medseg_peft.entries import ADAPTER
 from medseg_peft.tuning.branch import Branch
 
 

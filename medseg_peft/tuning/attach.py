@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from medseg_peft.selection.selection import Selection
+from medseg_peft.entries import ADAPTER, LORA, Entries, Selection
 from medseg_peft.tuning.adapter import AdapterDelta
 from medseg_peft.tuning.branch import Branch
-from medseg_peft.tuning.delta import delta_linear_forward, make_delta
+from medseg_peft.tuning.delta import Delta, delta_linear_forward
+from medseg_peft.tuning.lora import LoRADelta
 
 STATE_ATTR = "medseg_peft"
 BRANCH_CHILD = "peft_branch"
@@ -89,6 +90,15 @@ def _remove(model: nn.Module, state: TuningState) -> None:
     for module_name, order in state.param_order.items():
         module = model.get_submodule(module_name) if module_name else model
         module._parameters = {k: module._parameters[k] for k in order}
+
+
+def make_delta(entries: Entries, device: torch.device | None = None, dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
+    """The module that trains ``entries``: sparse / whole values (a parametrization), or LoRA / adapter
+    branches (forward hooks) regularised by ``dropout`` and ``drop_path`` while training."""
+    branches = {LORA: LoRADelta, ADAPTER: AdapterDelta}
+    if entries.layout in branches:
+        return branches[entries.layout](entries, device, dropout, drop_path)
+    return Delta(entries, device)
 
 
 def _register(module: nn.Module, tensor_name: str, delta: nn.Module) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from medseg_peft.selection.selection import WHOLE
+from medseg_peft.entries import WHOLE
 from medseg_peft.tuning.delta import Delta, frozen_linear_forward
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from medseg_peft.selection.selection import FLAT, Entries, row_view_shape
+from medseg_peft.entries import FLAT, Entries, row_view_shape
 from medseg_peft.tuning.delta import Delta
 
 

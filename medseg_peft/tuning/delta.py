@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from medseg_peft.selection.selection import FLAT, ROWS, WHOLE, Entries, row_view_shape
+from medseg_peft.entries import FLAT, ROWS, WHOLE, Entries, row_view_shape
 
 
 class _AddDelta(torch.autograd.Function):
@@ -237,17 +237,4 @@ def delta_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _DeltaLinear.apply(x, chain.original, chain[0].values, self.bias, chain[0])
 
 
-def make_delta(entries: Entries, device: torch.device | None = None, dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
-    """The module that trains ``entries``: sparse / whole values (a parametrization), or LoRA / adapter
-    branches (forward hooks) regularised by ``dropout`` and ``drop_path`` while training."""
-    from medseg_peft.selection.selection import ADAPTER, LORA
-    from medseg_peft.tuning.adapter import AdapterDelta
-    from medseg_peft.tuning.lora import LoRADelta
-
-    branches = {LORA: LoRADelta, ADAPTER: AdapterDelta}
-    if entries.layout in branches:
-        return branches[entries.layout](entries, device, dropout, drop_path)
-    return Delta(entries, device)
-
-
-__all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward", "frozen_linear_forward", "make_delta"]
+__all__ = ["Delta", "FLAT", "ROWS", "WHOLE", "delta_linear_forward", "frozen_linear_forward"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_peft.selection.selection import LORA
+from medseg_peft.entries import LORA
 from medseg_peft.tuning.branch import Branch
 
 

@@ -1,32 +1,33 @@
-"""What bundles reference: the shared skeleton (``bundle``), metrics, schedules and the per-task glue (polyp, organ).
+"""What bundles reference: the run entry (``bundle``), run folder, handlers, checkpoints, metrics, schedules and
+the per-task glue (polyp, organ).
 
 Each name loads its module on first use (``medseg_peft.workflows.train`` imports ``bundle`` then), so
 ``python -m medseg_peft.workflows.<module>`` and a bundle that needs one task's glue import only what they use.
 """
 
-from medseg_peft import _lazy_package
+from medseg_peft.lazy import lazy_package
 
 _EXPORTS = {
-    "Checkpoints": "bundle",
-    "check_shardable": "bundle",
-    "destroy_distributed": "bundle",
+    "Checkpoints": "checkpoints",
+    "check_shardable": "medseg_peft.distributed",
+    "destroy_distributed": "medseg_peft.distributed",
     "end_run": "bundle",
     "given": "bundle",
-    "init_distributed": "bundle",
-    "local_rank": "bundle",
+    "init_distributed": "medseg_peft.distributed",
+    "local_rank": "medseg_peft.distributed",
     "method_name": "bundle",
     "on_main_process": "bundle",
-    "resolve_device": "bundle",
+    "resolve_device": "medseg_peft.distributed",
     "select_or_resume": "bundle",
     "start_run": "bundle",
     "train": "bundle",
-    "train_handlers": "bundle",
-    "unwrap": "bundle",
-    "validation_handlers": "bundle",
-    "world_size": "bundle",
+    "train_handlers": "handlers",
+    "unwrap": "medseg_peft.distributed",
+    "validation_handlers": "handlers",
+    "world_size": "medseg_peft.distributed",
     "contour_sheet": "contour_sheet",
-    "base_fingerprint": "guards",
-    "data_fingerprint": "guards",
+    "base_fingerprint": "run_folder",
+    "data_fingerprint": "run_folder",
     "PerClassScores": "metrics",
     "binarize": "metrics",
     "class_dice_handler": "metrics",
@@ -42,18 +43,18 @@ _EXPORTS = {
     "organ_postprocessing": "organ",
     "volume_inputs": "organ",
     "polyp_data": "polyp",
-    "default_lr": "polyp",
-    "polyp_network": "polyp",
+    "default_lr": "networks",
+    "polyp_network": "networks",
     "check_prompt": "prompts",
     "prompt_batch": "prompts",
     "RunReport": "report",
     "timm_epoch_cosine": "schedule",
     "warmup_cosine": "schedule",
-    "TunedState": "tuned_state",
-    "load_tuned": "tuned_state",
-    "save_tuned": "tuned_state",
+    "TunedState": "medseg_peft.tuning.tuned_state",
+    "load_tuned": "medseg_peft.tuning.tuned_state",
+    "save_tuned": "medseg_peft.tuning.tuned_state",
 }
-_lazy_package(__name__, _EXPORTS)
+lazy_package(__name__, _EXPORTS)
 
 __all__ = [
     "base_fingerprint",

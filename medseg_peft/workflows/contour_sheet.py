@@ -1,44 +1,36 @@
 """A PNG sheet of validation images with their true and predicted mask outlines, a legend and each tile's Dice.
 
 The quickest honest check of a segmentation run is to look at it; this writes that picture at the end
-of training without any plotting dependency (Pillow draws the text).
+of training, a matplotlib figure (:mod:`medseg_peft.workflows.charts`: no pyplot, written atomically).
 
 One class (polyps): the true outline is green, the prediction red. Several classes (the organ bundle's
 slices): one colour per class, named in the legend, the true outline solid and the prediction dashed.
-Each tile prints its own Dice in its corner (:func:`tile_dice`), so the worst images stand out.
+Outlines are the masks' contours at 0.5, drawn over the image at the sheet's resolution, so they stay
+sharp on small images. Each tile prints its own Dice in its corner (:func:`tile_dice`), so the worst
+images stand out.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch import nn
 
+from medseg_peft.workflows.charts import new_figure, save_figure
 from medseg_peft.workflows.metrics import binarize, label_map
-from medseg_peft.workflows.pictures import font, save_png
 
-TRUE_COLOUR, PRED_COLOUR = (0, 255, 0), (255, 0, 0)
-CLASS_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-                 (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200)]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-
-def outline(mask: torch.Tensor) -> torch.Tensor:
-    """Pixels of a binary ``[H, W]`` mask whose 3x3 neighbourhood leaves the mask."""
-    m = mask.float()[None, None]
-    eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
-    return (m - eroded)[0, 0] > 0
-
-
-def dashed(edge: torch.Tensor, period: int = 6) -> torch.Tensor:
-    """Every other run of ``period // 2`` pixels of an outline, along the diagonals: a dashed line."""
-    h, w = edge.shape
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return edge & (((ys + xs) % period) < period // 2)
+TRUE_COLOUR, PRED_COLOUR = "#00ff00", "#ff0000"
+CLASS_COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#0082c8", "#f58230", "#911eb4", "#46f0f0", "#f032e6", "#d2f53c", "#fabed4",
+                 "#008080", "#dcbeff", "#aa6e28", "#fffac8"]
+TILE_INCHES = 2.6  # each image's width on the sheet (at charts.DPI pixels per inch)
 
 
 def tile_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int = 1) -> float:
@@ -66,20 +58,6 @@ def to_rgb(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy().copy()
 
 
-def draw_tile(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, num_classes: int) -> tuple[np.ndarray, float]:
-    """The outlined RGB tile of one image and its Dice; ``label`` and ``pred`` are ``[H, W]`` class maps."""
-    rgb = to_rgb(image)
-    if num_classes == 1:
-        rgb[outline(label > 0).numpy()] = TRUE_COLOUR
-        rgb[outline(pred > 0).numpy()] = PRED_COLOUR
-    else:
-        for c in range(1, num_classes + 1):
-            colour = CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
-            rgb[outline(label == c).numpy()] = colour
-            rgb[dashed(outline(pred == c)).numpy()] = colour
-    return rgb, tile_dice(pred, label, num_classes)
-
-
 def predictions(network: nn.Module, batches, device: torch.device, max_images: int, activation: str):
     """Up to ``max_images`` of (image, true class map, predicted class map, number of classes)."""
     count = 0
@@ -100,37 +78,75 @@ def predictions(network: nn.Module, batches, device: torch.device, max_images: i
                 return
 
 
-def legend(width: int, num_classes: int, class_names: Sequence[str] | None, size: int) -> Image.Image:
-    """A strip naming the colours (true and predicted outline, each class when there are several),
-    its entries flowing onto further lines where the sheet is narrow."""
+def outline(ax: Axes, mask: torch.Tensor, colour: str, style: str = "solid") -> None:
+    """The contour of a binary ``[H, W]`` mask on ``ax`` (pixel centres at integer coordinates, as imshow puts
+    them); a mask that is empty or covers the whole image has no outline inside it."""
+    values = mask.numpy().astype(np.float32)
+    if values.min() == values.max():
+        return
+    ax.contour(values, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.6)
+
+
+def draw_tile(ax: Axes, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, num_classes: int) -> float:
+    """One image on ``ax`` with its outlines and its Dice in the corner; ``label`` and ``pred`` are ``[H, W]``
+    class maps. Returns the Dice."""
+    ax.imshow(to_rgb(image))
     if num_classes == 1:
-        items = [(TRUE_COLOUR, "true outline", False), (PRED_COLOUR, "prediction", False)]
+        outline(ax, label > 0, TRUE_COLOUR)
+        outline(ax, pred > 0, PRED_COLOUR)
     else:
-        names = list(class_names or [])
+        for c in range(1, num_classes + 1):
+            colour = CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
+            outline(ax, label == c, colour)
+            outline(ax, pred == c, colour, "dashed")
+    dice = tile_dice(pred, label, num_classes)
+    ax.text(0.02, 0.98, f"Dice {dice:.3f}", transform=ax.transAxes, ha="left", va="top", color="white", fontsize=9,
+            bbox={"facecolor": "black", "edgecolor": "none", "pad": 2})
+    ax.set_axis_off()
+    return dice
+
+
+def legend_entries(num_classes: int, class_names: Sequence[str] | None) -> tuple[list[tuple[str, str, str]], str]:
+    """``(colour, line style, text)`` per legend entry (true and predicted outline; each class when there are
+    several, named by ``class_names`` or "class c") and the legend's title, which explains the corner number."""
+    if num_classes == 1:
+        items = [(TRUE_COLOUR, "solid", "true outline"), (PRED_COLOUR, "solid", "prediction")]
+    else:
+        names = list(class_names or [])[:num_classes]
         names += [f"class {c}" for c in range(len(names) + 1, num_classes + 1)]
-        items = [(CLASS_COLOURS[c % len(CLASS_COLOURS)], names[c], False) for c in range(num_classes)]
-        items += [((0, 0, 0), "true outline: solid", False), ((0, 0, 0), "prediction: dashed", True)]
-    items.append((None, "corner: Dice of the image" + ("" if num_classes == 1 else " (mean over the classes it shows)"), False))
-    f = font(size)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    spans = [(28 if colour else 0) + int(measure.textlength(text, font=f)) + 20 for colour, text, _ in items]
-    width = max(width, max(spans) + 8)  # a sheet narrower than one entry widens to hold it
-    line_h, x, y, placed = size + 10, 8, 6, []
-    for (colour, text, dash), span in zip(items, spans):
-        if x + span > width and x > 8:
-            x, y = 8, y + line_h
-        placed.append((x, y, colour, text, dash))
-        x += span
-    strip = Image.new("RGB", (width, y + line_h + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for x, y, colour, text, dash in placed:
-        if colour:
-            mid = y + size // 2 + 2
-            for a in range(0, 24, 8 if dash else 24):
-                draw.line([x + a, mid, x + a + (4 if dash else 22), mid], fill=colour, width=4)
-            x += 28
-        draw.text((x, y), text, fill=(0, 0, 0) if colour else (80, 80, 80), font=f)
-    return strip
+        items = [(CLASS_COLOURS[c % len(CLASS_COLOURS)], "solid", names[c]) for c in range(num_classes)]
+        items += [("black", "solid", "true outline: solid"), ("black", "dashed", "prediction: dashed")]
+    title = "corner: Dice of the image" + ("" if num_classes == 1 else " (mean over the classes it shows)")
+    return items, title
+
+
+def contour_figure(tiles: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_classes: int, columns: int = 4,
+                   class_names: Sequence[str] | None = None) -> Figure:
+    """The sheet of ``tiles`` (image, true class map, predicted class map), ``columns`` to a row, the legend below.
+
+    The legend flows onto as many lines as the sheet's width needs; a sheet narrower than one entry widens."""
+    from matplotlib.lines import Line2D
+
+    if not tiles:
+        raise ValueError("contour_sheet got no images")
+    columns = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    h, w = tiles[0][1].shape[-2:]
+    items, title = legend_entries(num_classes, class_names)
+    entry = max(0.8 + 0.085 * len(text) for _, _, text in items)  # inches, at the legend's font size
+    width = max(columns * TILE_INCHES, entry + 0.3, 0.085 * len(title) + 0.3)
+    per_line = max(1, int(width // entry))
+    legend_h = 0.5 + 0.28 * math.ceil(len(items) / per_line)
+    figure = new_figure(width, rows * TILE_INCHES * h / w + legend_h)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax, (image, true, pred) in zip(axes.flat, tiles):
+        draw_tile(ax, image, true, pred, num_classes)
+    for ax in axes.flat[len(tiles):]:
+        ax.set_axis_off()
+    handles = [Line2D([], [], color=colour, linestyle=style, linewidth=3, label=text) for colour, style, text in items]
+    figure.legend(handles=handles, loc="outside lower center", ncol=per_line, title=title, fontsize=10, title_fontsize=10,
+                  frameon=False, handlelength=2.5)
+    return figure
 
 
 def contour_sheet(network: nn.Module, batches, path: str | Path, device: torch.device, max_images: int = 8, columns: int = 4,
@@ -143,32 +159,10 @@ def contour_sheet(network: nn.Module, batches, path: str | Path, device: torch.d
     network.eval()
     try:
         with torch.no_grad():
-            drawn = [(draw_tile(image, true, pred, n), n) for image, true, pred, n in predictions(network, batches, device, max_images, activation)]
+            predicted = list(predictions(network, batches, device, max_images, activation))
     finally:
         network.train(was_training)
-    if not drawn:
+    if not predicted:
         raise ValueError("contour_sheet got no images")
-    num_classes = drawn[0][1]
-    h, w, _ = drawn[0][0][0].shape
-    rows = (len(drawn) + columns - 1) // columns
-    sheet = np.zeros((rows * h, min(columns, len(drawn)) * w, 3), dtype=np.uint8)
-    for i, ((tile, _), _) in enumerate(drawn):
-        r, c = divmod(i, columns)
-        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
-    picture = Image.fromarray(sheet)
-    draw = ImageDraw.Draw(picture)
-    size = max(10, min(w, h) // 20)
-    f = font(size)
-    for i, ((_, dice), _) in enumerate(drawn):
-        r, c = divmod(i, columns)
-        text = f"Dice {dice:.3f}"
-        if draw.textlength(text, font=f) > w - 12:  # a small tile keeps the number only
-            text = f"{dice:.2f}"
-        x, y = c * w + 3, r * h + 3
-        draw.rectangle([x, y, x + draw.textlength(text, font=f) + 6, y + size + 6], fill=(0, 0, 0))
-        draw.text((x + 3, y + 2), text, fill=(255, 255, 255), font=f)
-    strip = legend(picture.width, num_classes, class_names, max(11, size))
-    out = Image.new("RGB", (strip.width, picture.height + strip.height), (255, 255, 255))
-    out.paste(picture, (0, 0))
-    out.paste(strip, (0, picture.height))
-    return save_png(out, path)
+    tiles = [(image, true, pred) for image, true, pred, _ in predicted]
+    return save_figure(contour_figure(tiles, predicted[0][3], columns, class_names), path)

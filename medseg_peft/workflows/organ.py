@@ -14,6 +14,7 @@ from torch import nn
 
 from medseg_peft.distributed import main_process_first
 from medseg_peft.workflows.bundle import given
+from medseg_peft.workflows.networks import polyp_network
 
 log = logging.getLogger("medseg_peft")
 
@@ -92,8 +93,6 @@ def organ_network(sam_checkpoint: str | None = None, sam_variant: str | None = N
 
     Prompt-free, or with boxes ``[B, N, 5]`` naming each box's class channel (per-class sigmoid outputs).
     """
-    from medseg_peft.workflows.polyp import polyp_network
-
     wrapper = {"num_outputs": num_outputs(num_classes, activation), "in_channels": 1, "input_scale": 255.0}
     return polyp_network(sam_checkpoint, sam_variant, image_size, **wrapper)
 

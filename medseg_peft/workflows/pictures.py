@@ -11,9 +11,10 @@ mergings "merge after stage s") with its count of trained entries.
 
 ``draw_training_curve`` plots the mean training loss and the validation metrics per epoch.
 
-Both draw with Pillow, as the contour sheet does: no plotting library is needed for a few lines and
-boxes. Every picture is written atomically (a temporary file in the same folder renamed over the
-target), so a viewer refreshing it during training never sees half a PNG.
+Each comes as a matplotlib figure (``selection_figure``, ``training_curve_figure``: what tests and
+notebooks look at) and as a file written from it; :mod:`medseg_peft.workflows.charts` makes the figures
+(no pyplot, no display) and writes them atomically, so a viewer refreshing a picture during training
+never sees half a PNG. matplotlib loads on the first drawing, not on import.
 """
 
 from __future__ import annotations
@@ -21,21 +22,20 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from medseg_peft.io import atomic_write
-from medseg_peft.selection.selection import WHOLE, Entries, Selection
+from medseg_peft.entries import WHOLE, Entries, Selection
+from medseg_peft.workflows.charts import LIGHT, PALETTE, new_figure, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 KINDS = ("attention", "mlp", "conv", "bias", "norm", "other")
 # a block is "...blocks.<i>." (SAM ViT, timm) or "...layers.<s>.blocks.<i>." (TinyViT: stage s, block i)
 BLOCK = re.compile(r"^(.*?)(?:layers\.(\d+)\.)?blocks\.(\d+)\.")
 MERGE = re.compile(r"^layers\.(\d+)\.downsample\.")  # TinyViT's patch merging after stage s
-WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (0, 0, 0), (128, 128, 128), (235, 235, 235)
-COLD, HOT = (247, 251, 255), (8, 48, 107)  # the ends of the heat map's colour scale (light to dark blue)
-LINE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
 # ---- what a parameter is ------------------------------------------------------------------------
@@ -156,135 +156,93 @@ def selection_table(selection: Selection, numels: Mapping[str, int] | None = Non
 
 
 # ---- drawing ------------------------------------------------------------------------------------
-def font(size: int = 12) -> ImageFont.ImageFont:
-    """Pillow's own scalable font (Pillow >= 10.1 with FreeType), else its small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # an older Pillow: one size only
-        return ImageFont.load_default()
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` as a PNG beside ``path``, then rename it over ``path``."""
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def blend(t: float, low=COLD, high=HOT) -> tuple[int, int, int]:
-    t = min(max(t, 0.0), 1.0)
-    return tuple(round(a + (b - a) * t) for a, b in zip(low, high))
-
-
 def _percent(trained: int, total: int) -> str:
     return f"{100 * trained / max(total, 1):.3g} %"
 
 
-def draw_selection(selection: Selection, path: str | Path, numels: Mapping[str, int] | None = None) -> Path:
-    """Draw where ``selection`` trains (heat map per block and kind, bars per kind and part) to ``path``.
+def _heat_map(figure: Figure, ax, table: dict) -> None:
+    """One row per block, one column per kind, coloured by the share of the cell's entries that train."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    blocks, kinds, cells = table["blocks"], table["kinds"], table["cells"]
+    if not blocks:
+        ax.set_axis_off()
+        ax.text(0, 0.5, "no transformer blocks (no 'blocks.<i>.' in the parameter names)", color="grey", fontsize=11,
+                transform=ax.transAxes, va="center")
+        return
+    share = np.full((len(blocks), len(kinds)), np.nan)  # NaN: the block has no weight of that kind
+    for i, block in enumerate(blocks):
+        for j, kind in enumerate(kinds):
+            trained, total = cells.get((block, kind), (0, 0))
+            if total:
+                share[i, j] = trained / total
+    vmax = float(np.nanmax(share)) if not np.isnan(share).all() else 0.0
+    vmax = vmax or 1.0
+    image = ax.imshow(np.ma.masked_invalid(share), cmap=matplotlib.colormaps["Blues"].with_extremes(bad=LIGHT), vmin=0, vmax=vmax,
+                      aspect="auto", interpolation="nearest")
+    for i, block in enumerate(blocks):
+        for j, kind in enumerate(kinds):
+            trained, total = cells.get((block, kind), (0, 0))
+            if total:
+                text = f"{trained:,} · {_percent(trained, total)}" if trained else "0"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if share[i, j] / vmax > 0.55 else "black")
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(blocks)), [block_label(b) for b in blocks], fontsize=9)
+    ax.tick_params(length=0)
+    bar = figure.colorbar(image, ax=ax, fraction=0.04, pad=0.01)
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.3g} %"))
+    bar.set_label("share trained", fontsize=9)  # short: a map of two blocks has a short colour bar
+
+
+def _group_bars(ax, groups: Mapping[str, tuple[int, int]]) -> None:
+    """A bar per kind and per part with its count of trained entries, the counts and shares written at the right."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    names, rows = list(groups), range(len(groups))
+    trained = [t for t, _ in groups.values()]
+    ax.barh(rows, trained, height=0.6, color=PALETTE[0])
+    ax.set_yticks(rows, names, fontsize=9)
+    ax.set_ylim(len(groups) - 0.5, -0.5)  # the first group on top
+    ax.set_xlim(0, max(trained, default=0) or 1)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True, steps=[1, 2, 2.5, 5, 10]))  # whole counts, room for "180,000"
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.grid(True, axis="x", color=LIGHT)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    counts = ax.secondary_yaxis("right")  # tick labels, so the layout makes room for them
+    counts.set_yticks(rows, [f"{t:,} of {n:,} ({_percent(t, n)})" for t, n in groups.values()], fontsize=9)
+    counts.tick_params(length=0)
+    counts.spines["right"].set_visible(False)
+    ax.set_title("trained entries per kind (in the blocks) and per part (outside them)", loc="left", fontsize=11)
+
+
+def selection_figure(selection: Selection, numels: Mapping[str, int] | None = None) -> Figure:
+    """Where ``selection`` trains: a heat map per block and kind above, bars per kind and part below.
 
     Colour is the fraction of a cell's entries that train, scaled to the largest cell (sparse methods
     train well under 1 %, which a 0-100 % scale would paint white); each cell also prints its count and
     percentage. A LoRA or adapter counts its branch parameters against the weight it sits beside."""
     table = selection_table(selection, numels)
-    blocks, kinds, cells, groups = table["blocks"], table["kinds"], table["cells"], table["groups"]
-    f, small = font(13), font(11)
-    row_h, cell_w, bar_w = 20, 150, 420
-    label_w = 120 if any(stage >= 0 for stage, _ in blocks) else 80
-    width = max(label_w + cell_w * max(len(kinds), 1) + 90, 260 + bar_w + 170)
-    heat_h = 24 + row_h * len(blocks) if blocks else 24
-    height = 56 + heat_h + 34 + row_h * len(groups) + 16
-    image = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(image)
+    heat_h = 0.7 + 0.3 * len(table["blocks"]) if table["blocks"] else 0.4
+    bars_h = 0.9 + 0.3 * len(table["groups"])
+    width = max(10.0, 2.8 + 1.5 * len(table["kinds"]))
+    figure = new_figure(width, 0.9 + heat_h + bars_h)
     settings = ", ".join(f"{k}={v}" for k, v in selection.hparams.items())
-    draw.text((10, 8), f"{selection.method} ({settings})" if settings else selection.method, fill=BLACK, font=f)
-    draw.text((10, 28), f"trainable {selection.num_trainable:,} of {selection.total_params:,} parameters "
-                        f"({100 * selection.fraction:.3f} %) in {len(selection)} tensors", fill=BLACK, font=f)
-    top = 56
-    if blocks:
-        vmax = max((t / n for t, n in cells.values() if n), default=0.0) or 1.0
-        for j, kind in enumerate(kinds):
-            draw.text((label_w + j * cell_w + 6, top), kind, fill=BLACK, font=f)
-        for i, block in enumerate(blocks):
-            y = top + 20 + i * row_h
-            draw.text((6, y + 3), block_label(block), fill=BLACK, font=small)
-            for j, kind in enumerate(kinds):
-                x = label_w + j * cell_w
-                trained, total = cells.get((block, kind), (0, 0))
-                if not total:
-                    draw.rectangle([x, y, x + cell_w - 2, y + row_h - 2], fill=LIGHT)
-                    continue
-                t = trained / total / vmax
-                draw.rectangle([x, y, x + cell_w - 2, y + row_h - 2], fill=blend(t))
-                text = f"{trained:,} · {_percent(trained, total)}" if trained else "0"
-                draw.text((x + 5, y + 4), text, fill=WHITE if t > 0.55 else BLACK, font=small)
-        x = label_w + len(kinds) * cell_w + 14  # the colour scale
-        span = row_h * len(blocks)
-        for k in range(span):
-            draw.line([x, top + 20 + k, x + 14, top + 20 + k], fill=blend(1 - k / max(span - 1, 1)))
-        draw.text((x + 18, top + 18), f"{100 * vmax:.3g} %", fill=BLACK, font=small)
-        draw.text((x + 18, top + 8 + span), "0 %", fill=BLACK, font=small)
-    else:
-        draw.text((10, top), "no transformer blocks (no 'blocks.<i>.' in the parameter names)", fill=GREY, font=f)
-    top += heat_h + 10
-    draw.text((10, top), "trained entries per kind (in the blocks) and per part (outside them)", fill=BLACK, font=f)
-    top += 24
-    most = max((t for t, _ in groups.values()), default=0) or 1
-    for i, (name, (trained, total)) in enumerate(groups.items()):
-        y = top + i * row_h
-        draw.text((10, y + 3), name, fill=BLACK, font=small)
-        draw.rectangle([250, y + 2, 250 + bar_w, y + row_h - 4], outline=LIGHT)
-        if trained:
-            draw.rectangle([250, y + 2, 250 + max(1, round(bar_w * trained / most)), y + row_h - 4], fill=LINE_COLOURS[0])
-        draw.text((250 + bar_w + 8, y + 3), f"{trained:,} of {total:,} ({_percent(trained, total)})", fill=BLACK, font=small)
-    return save_png(image, path)
+    heading = f"{selection.method} ({settings})" if settings else selection.method
+    figure.suptitle(f"{heading}\ntrainable {selection.num_trainable:,} of {selection.total_params:,} parameters "
+                    f"({100 * selection.fraction:.3f} %) in {len(selection)} tensors", x=0.01, ha="left", fontsize=12)
+    heat_ax, bars_ax = figure.subplots(2, 1, height_ratios=[heat_h, bars_h])
+    _heat_map(figure, heat_ax, table)
+    _group_bars(bars_ax, table["groups"])
+    return figure
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
-
-
-def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: Mapping[str, Sequence[tuple[float, float]]],
-               title: str) -> None:
-    """Lines of ``series`` (name -> (epoch, value) points) in ``box``, with axes, ticks and a legend."""
-    f, small = font(13), font(11)
-    x0, y0, x1, y1 = box
-    draw.text((x0, y0), title, fill=BLACK, font=f)
-    px0, py0, px1, py1 = x0 + 60, y0 + 24, x1 - 10, y1 - 30  # the plot area inside the labels
-    draw.rectangle([px0, py0, px1, py1], outline=GREY)
-    points = [p for pts in series.values() for p in pts]
-    if not points:
-        draw.text((px0 + 10, py0 + 10), "nothing recorded yet", fill=GREY, font=small)
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xlo, xhi = min(xs), max(xs)
-    if xhi == xlo:
-        xlo, xhi = xlo - 0.5, xhi + 0.5
-    ylo, yhi = min(ys), max(ys)
-    pad = (yhi - ylo) * 0.05 or abs(yhi) * 0.05 or 0.5
-    ylo, yhi = (ylo - pad if ylo - pad >= 0 or ylo < 0 else 0.0), yhi + pad  # scores and losses >= 0 keep a floor of 0
-    sx = lambda x: px0 + (x - xlo) / (xhi - xlo) * (px1 - px0)
-    sy = lambda y: py1 - (y - ylo) / (yhi - ylo) * (py1 - py0)
-    for v in _ticks(ylo, yhi):
-        draw.line([px0 - 4, sy(v), px0, sy(v)], fill=GREY)
-        draw.text((x0, sy(v) - 6), f"{v:.3g}", fill=BLACK, font=small)
-    step = max(1, round((xhi - xlo) / 10))
-    for e in range(int(xlo + 0.99), int(xhi) + 1, step):
-        draw.line([sx(e), py1, sx(e), py1 + 4], fill=GREY)
-        draw.text((sx(e) - 4, py1 + 6), str(e), fill=BLACK, font=small)
-    draw.text(((px0 + px1) // 2 - 15, py1 + 16), "epoch", fill=BLACK, font=small)
-    for k, (name, pts) in enumerate(series.items()):
-        colour = LINE_COLOURS[k % len(LINE_COLOURS)]
-        xy = [(sx(x), sy(y)) for x, y in sorted(pts)]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        for x, y in xy if len(xy) <= 100 else xy[-1:]:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    text_w = max(draw.textlength(name, font=small) for name in series)
-    lx = px1 - text_w - 40  # the legend, top right, on white over the lines
-    draw.rectangle([lx - 4, py0 + 3, px1 - 3, py0 + 9 + 16 * len(series)], fill=WHITE, outline=LIGHT)
-    for k, name in enumerate(series):
-        ly = py0 + 6 + 16 * k
-        draw.line([lx, ly + 7, lx + 20, ly + 7], fill=LINE_COLOURS[k % len(LINE_COLOURS)], width=3)
-        draw.text((lx + 26, ly), name, fill=BLACK, font=small)
+def draw_selection(selection: Selection, path: str | Path, numels: Mapping[str, int] | None = None) -> Path:
+    """Write :func:`selection_figure` of ``selection`` to ``path`` (atomically)."""
+    return save_figure(selection_figure(selection, numels), path)
 
 
 def curve_series(history: Sequence[Mapping], key_metric: str, losses: Sequence[Mapping] = ()) -> tuple[dict, dict]:
@@ -300,14 +258,42 @@ def curve_series(history: Sequence[Mapping], key_metric: str, losses: Sequence[M
     return {"train loss (mean per epoch)": sorted(loss.items())}, {m: pts for m, pts in metrics.items() if pts}
 
 
+def _panel(ax, series: Mapping[str, Sequence[tuple[float, float]]], title: str) -> None:
+    """Lines of ``series`` (name -> (epoch, value) points) on ``ax``, with whole epochs and a legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, color=LIGHT)
+    values = [y for pts in series.values() for _, y in pts]
+    if not values:
+        ax.text(0.02, 0.9, "nothing recorded yet", color="grey", fontsize=10, transform=ax.transAxes, va="top")
+        return
+    for k, (name, pts) in enumerate(series.items()):
+        pts = sorted(pts)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], color=PALETTE[k % len(PALETTE)], linewidth=2, marker="o", markersize=4,
+                markevery=None if len(pts) <= 100 else [len(pts) - 1], label=name)
+    low, high = ax.get_ylim()
+    if min(values) >= 0 and low < 0:  # scores and losses keep a floor of 0
+        ax.set_ylim(0, high)
+    ax.legend(loc="best", fontsize=9)
+
+
+def training_curve_figure(history: Sequence[Mapping], key_metric: str = "mDice", losses: Sequence[Mapping] = (),
+                          title: str = "") -> Figure:
+    """Loss per epoch above, validation metrics per epoch below (:func:`curve_series`), on one epoch axis."""
+    loss, metrics = curve_series(history, key_metric, losses)
+    figure = new_figure(8.2, 6.2)
+    if title:
+        figure.suptitle(title, x=0.01, ha="left", fontsize=12)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    _panel(top, loss, "training loss")
+    _panel(bottom, metrics, f"validation (key metric {key_metric}; epoch 0 = before tuning)")
+    bottom.set_xlabel("epoch")
+    return figure
+
+
 def draw_training_curve(history: Sequence[Mapping], path: str | Path, key_metric: str = "mDice",
                         losses: Sequence[Mapping] = (), title: str = "") -> Path:
-    """Loss per epoch above, validation metrics per epoch below, written atomically to ``path``."""
-    loss, metrics = curve_series(history, key_metric, losses)
-    image = Image.new("RGB", (820, 620), WHITE)
-    draw = ImageDraw.Draw(image)
-    if title:
-        draw.text((10, 6), title, fill=BLACK, font=font(13))
-    draw_panel(draw, (10, 28, 810, 318), loss, "training loss")
-    draw_panel(draw, (10, 326, 810, 616), metrics, f"validation (key metric {key_metric}; epoch 0 = before tuning)")
-    return save_png(image, path)
+    """Write :func:`training_curve_figure` to ``path`` (atomically)."""
+    return save_figure(training_curve_figure(history, key_metric, losses, title), path)

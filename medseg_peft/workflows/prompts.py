@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from medseg_peft.data.volume_boxes import PROMPTS  # the one list, carried by exported bundles too
-
-
-def check_prompt(prompt: str) -> str:
-    if prompt not in PROMPTS:
-        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
-    return prompt
+from medseg_peft.data.volume_boxes import check_prompt  # beside the one list of prompts, carried by exported bundles too
 
 
 def prompt_batch(prompt: str = "none"):

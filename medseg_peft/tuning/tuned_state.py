@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from medseg_peft.io import atomic_save_safetensors
-from medseg_peft.tuning import is_attached, save_delta, tuning_state
+from medseg_peft.tuning.attach import is_attached, tuning_state
+from medseg_peft.tuning.checkpoint import load_delta, save_delta
 
 log = logging.getLogger("medseg_peft")
 
@@ -69,8 +70,6 @@ def load_tuned(network: nn.Module, path: str | Path) -> nn.Module:
     """Read a result file ``save_tuned`` wrote: full weights load in place; a delta checkpoint attaches its entries."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from medseg_peft.tuning import load_delta
 
     path = Path(path)
     if not path.is_file():

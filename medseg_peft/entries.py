@@ -1,9 +1,11 @@
-"""The one data type between "which weights" and "train them".
+"""The one data type between "which weights" and "train them": :class:`Selection`, its :class:`Entries`,
+their layouts and their file format.
 
 A :class:`Selection` names, per parameter, the entries that will be trained. It knows nothing of how
 the entries were scored (that is a selector's job) nor of how they are trained (that is
 ``medseg_peft.tuning``), so both sides can change independently and a selection can be saved,
-inspected and re-applied to a fresh copy of the base model.
+inspected and re-applied to a fresh copy of the base model. It sits below both: tuning reads this
+format and never a selector, and selectors write it and then attach it through tuning.
 """
 
 from __future__ import annotations
