@@ -49,9 +49,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
-import medseg_peft as mp  # noqa: E402
 from memory import MIB, batch, build, counted_step  # noqa: E402
 from selection_costs import interleaved  # noqa: E402
+
+import medseg_peft as mp  # noqa: E402
 
 VARIANTS = {"lite_medsam": "lite_medsam", "tiny_lite": None}  # variant -> default weights (a named checkpoint, or random)
 CKPT = {"no": False, "yes": True, "selective": "selective"}

@@ -16,9 +16,9 @@ import copy
 import statistics
 
 import torch
+from selection_costs import MODELS, build_model, interleaved, make_batches, train_pass
 
 import medseg_peft as mp
-from selection_costs import MODELS, build_model, interleaved, make_batches, train_pass
 
 
 def main(argv=None) -> dict:

@@ -97,9 +97,17 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     import medseg_peft as mp
-    from medseg_peft.distributed import barrier, gather_objects, is_main_process, rank, world_size
+    from medseg_peft.distributed import (
+        barrier,
+        destroy_distributed,
+        gather_objects,
+        init_distributed,
+        is_main_process,
+        local_rank,
+        rank,
+        world_size,
+    )
     from medseg_peft.models import sam_segmenter
-    from medseg_peft.distributed import destroy_distributed, init_distributed, local_rank
 
     device = torch.device(f"cuda:{local_rank()}") if args.device == "cuda" else torch.device("cpu")
     init_distributed(device)

@@ -17,8 +17,32 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from medseg_peft.lazy import lazy_package  # noqa: E402
-from medseg_peft.selection import FPS, GPS, Decoder, METHODS, SPT, LoRA, Partial, PRESETS, Entries, Full, Selection, Selector, selector  # noqa: E402
-from medseg_peft.tuning import attach, cast_base, detach, load_delta, merge, save_delta, soup, trainable_parameters, unmerge  # noqa: E402
+from medseg_peft.selection import (  # noqa: E402
+    FPS,
+    GPS,
+    METHODS,
+    PRESETS,
+    SPT,
+    Decoder,
+    Entries,
+    Full,
+    LoRA,
+    Partial,
+    Selection,
+    Selector,
+    selector,
+)
+from medseg_peft.tuning import (  # noqa: E402
+    attach,
+    cast_base,
+    detach,
+    load_delta,
+    merge,
+    save_delta,
+    soup,
+    trainable_parameters,
+    unmerge,
+)
 
 # MONAI-facing parts, imported when first touched: mp.data, mp.workflows, mp.export, ...
 lazy_package(__name__, {}, submodules=("data", "distributed", "export", "io", "models", "recipes", "results", "selection", "tuning", "workflows"))

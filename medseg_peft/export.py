@@ -38,7 +38,7 @@ from torch import nn
 log = logging.getLogger("medseg_peft")
 
 BUNDLE_MODEL_SCRIPTS = ("sam", "segmenter", "tiny_vit", "named_checkpoints")  # medseg_peft.models modules copied into <bundle>/scripts/
-BUNDLE_DATA_SCRIPTS = ("volume_io", "volume_boxes", "bundle_errors")  # medseg_peft.data modules copied into <bundle>/scripts/
+BUNDLE_DATA_SCRIPTS = ("volume_files", "volume_geometry", "volume_checks", "volume_writers", "volume_io", "volume_boxes", "bundle_errors")  # medseg_peft.data modules copied into <bundle>/scripts/
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 LOGGING_CONF = Path(__file__).resolve().parent / "bundles" / "logging.conf"  # package data: a wheel has it too
 PARTIAL_SUFFIX, PREVIOUS_SUFFIX = ".partial-", ".previous-"  # the hidden siblings of the export folder while it is written / replaced
@@ -238,10 +238,10 @@ def export_bundle(
     depth), so a run on the embedded demo model exports ``demo`` whatever ``sam_variant`` the bundle
     named; ``sam_variant`` is only the fallback for a network of no known variant.
     """
+    from medseg_peft.data import volume_io
     from medseg_peft.data.volume_transforms import resolve_intensity
     from medseg_peft.models import sam as sam_module
     from medseg_peft.models.sam import detect_variant
-    from medseg_peft.data import volume_io
 
     if not isinstance(class_names, Mapping):
         class_names = {i + 1: name for i, name in enumerate(class_names)}

@@ -27,7 +27,6 @@ def train_steps(model, batches, steps: int = 3, lr: float = 5e-2, weight_decay: 
 
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-TASK_METADATA = {"organ_fps.json": "organ_metadata.json", "classify.json": "classify_metadata.json"}
 
 
 def bundle_files(config_file) -> list[str]:
@@ -42,8 +41,8 @@ def run_workflow(config_file, run_id: str = "run", **overrides):
     from monai.bundle import ConfigWorkflow
 
     files = bundle_files(config_file)
-    meta = BUNDLES / TASK_METADATA.get(Path(files[0]).name, "metadata.json")
-    wf = ConfigWorkflow(config_file=files, meta_file=str(meta), logging_file=str(BUNDLES / "logging.conf"),
+    task = Path(files[0]).parent  # a task's folder holds its metadata and logging, where MONAI looks by default
+    wf = ConfigWorkflow(config_file=files, meta_file=str(task / "metadata.json"), logging_file=str(task / "logging.conf"),
                         workflow_type=None, run_id=run_id, **overrides)
     wf.initialize()
     wf.run()

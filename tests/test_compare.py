@@ -131,8 +131,8 @@ def test_each_row_says_whether_it_beats_the_decoder_baseline_at_equal_wall_time(
     assert "| 20.000, yes |" in fps and "| 30.000, no |" in gps and "| (baseline) |" in decoder
 
 
-@pytest.mark.parametrize("bundle,meta,key", [("organ_fps.json", "organ_metadata.json", "mDice"),
-                                             ("classify.json", "classify_metadata.json", "top1")])
+@pytest.mark.parametrize("bundle,meta,key", [("organ/organ_fps.json", "organ/metadata.json", "mDice"),
+                                             ("classify/classify.json", "classify/metadata.json", "top1")])
 def test_organ_and_classify_bundles_get_their_metadata_and_own_folders(bundle, meta, key, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the bundles' own folders (runs/<task>_<method>) are relative to here
     commands = []
@@ -145,7 +145,7 @@ def test_organ_and_classify_bundles_get_their_metadata_and_own_folders(bundle, m
     monkeypatch.setattr(compare, "launch", fake_launch)
     assert compare.main(["--config_file", str(BUNDLES / bundle), "--methods", "gps,full", "--epochs", "2"]) == 0
     assert all(c[c.index("--meta_file") + 1] == str(BUNDLES / meta) and c[c.index("--epochs") + 1] == "2" for c in commands)
-    prefix = "organ_" if bundle == "organ_fps.json" else "classify_synthetic_"
+    prefix = "organ_" if bundle == "organ/organ_fps.json" else "classify_synthetic_"
     rows = json.loads((tmp_path / "runs" / "comparison.json").read_text())["rows"]
     assert [(r["run"], r["key_metric"]) for r in rows] == [(prefix + "gps", key), (prefix + "full", key)]
 

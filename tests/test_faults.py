@@ -294,7 +294,7 @@ def test_all_background_validation_labels_are_refused(tmp_path):
         img = nib.load(label)
         nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), label)
     with pytest.raises(Exception) as info:
-        run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
     assert "label of" in error_chain(info.value) and "is background only" in error_chain(info.value)
 
 
@@ -308,7 +308,7 @@ def test_nan_voxels_stop_training_naming_the_volume(tmp_path):
         data[::2] = np.nan
         nib.save(nib.Nifti1Image(data, img.affine), image)
     with pytest.raises(Exception) as info:
-        run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
     message = error_chain(info.value)
     assert "is nan" in message.lower() and "imagesTr" in message
     if (tmp_path / "run" / "best_delta.safetensors").is_file():
@@ -342,7 +342,7 @@ def test_a_sigkilled_run_resumes_and_finishes(tmp_path, tmp_path_factory):
 
 
 def test_nifti_volumes_load_without_a_reader_complaint_per_file(tmp_path, capsys):
-    run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), **{**ORGAN, "synthetic_volumes": 4, "epochs": 1})
+    run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), **{**ORGAN, "synthetic_volumes": 4, "epochs": 1})
     assert "unable to load" not in capsys.readouterr().out
 
 
@@ -350,9 +350,7 @@ def test_the_exported_label_writer_is_dropped_by_monai_label_and_labels_are_uint
     from monai.bundle import ConfigParser
     from monai.transforms import SaveImaged
 
-    from medseg_peft.data.volume_transforms import label_postprocessing_config
-
-    from medseg_peft.data.volume_transforms import volume_preprocessing_config
+    from medseg_peft.data.volume_transforms import label_postprocessing_config, volume_preprocessing_config
 
     steps = ConfigParser({"imports": ["$import medseg_peft"], "preprocessing": {"_target_": "Compose", "transforms": volume_preprocessing_config()},
                           "output_dir": "/tmp/x", "output_postfix": "seg", "post": label_postprocessing_config()}).get_parsed_content("post")
@@ -369,7 +367,7 @@ def test_a_truncated_nifti_is_named(tmp_path):
     raw = victim.read_bytes()
     victim.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(Exception) as info:
-        run_workflow("organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
     assert f"{victim}: the voxel data cannot be read" in error_chain(info.value)
 
 
@@ -445,9 +443,8 @@ def _raised(make):
 
 
 def test_the_short_error_names_our_wrapper_not_the_low_level_cause(tmp_path, capsys):
-    from medseg_peft.workflows.errors import _short_excepthook, user_error
-
     from medseg_peft.data.polyp_folders import check_contents
+    from medseg_peft.workflows.errors import _short_excepthook, user_error
 
     data = kvasir(tmp_path / "data", n=2)
     raw = (data / "images" / "c1.png").read_bytes()
@@ -483,8 +480,8 @@ def test_the_short_error_names_our_wrapper_not_the_low_level_cause(tmp_path, cap
 
 
 def test_a_checkpoint_that_is_a_text_file_is_named_in_one_line(tmp_path):
-    from medseg_peft.workflows.errors import user_error
     from medseg_peft.workflows import polyp_network
+    from medseg_peft.workflows.errors import user_error
 
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")

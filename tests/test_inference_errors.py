@@ -1,5 +1,5 @@
 """Inputs inference cannot segment, refused before any model work with one line naming the file, printed last:
-through bundles/inference.json, and the rule the exported bundle's copy (scripts/bundle_errors.py) uses."""
+through the bundles/organ/inference.json layer, and the rule the exported bundle's copy (scripts/bundle_errors.py) uses."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_the_short_error_printer_is_installed_under_monai_bundle_only(monkeypatc
 
 def test_a_2d_image_given_to_inference_json_is_one_last_line_naming_it(tmp_path):
     flat = nifti(tmp_path / "in" / "slice_2d.nii.gz", (30, 26))
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLES / "inference.json"),
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(BUNDLES / "organ" / "organ_fps.json"), str(BUNDLES / "organ" / "inference.json")]),
                            "--dataset_dir", str(flat.parent), "--classes", "['liver']", "--run_dir", str(tmp_path / "run"),
                            "--output_dir", str(tmp_path / "labels")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

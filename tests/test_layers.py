@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "medseg_peft.workflows": 5,
     "medseg_peft.export": 5,
     "medseg_peft.compare": 5,
+    "medseg_peft.comparison": 5,
     "medseg_peft.recipes": 5,
     "medseg_peft.results": 5,
     "medseg_peft.__main__": 5,

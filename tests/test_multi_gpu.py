@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,12 @@ import torch.multiprocessing as tmp_mp
 import torch.nn.functional as F
 
 import medseg_peft as mp
-from medseg_peft.models import sam_segmenter
-from conftest import BUNDLES, bundle_files, run_workflow
+from conftest import bundle_files, run_workflow
 from medseg_peft.distributed import all_reduce_sum
+from medseg_peft.models import sam_segmenter
 from medseg_peft.selection.eligibility import SELECT, assign_roles
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_sam(seed: int = 0):
@@ -62,10 +55,10 @@ def _selector(method: str):
     }[method]()
 
 
-def _selection_worker(rank: int, port: int, out: str, method: str, model_seed_per_rank: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _selection_worker(rank: int, out: str, method: str, model_seed_per_rank: bool) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # rendezvous through a file in the test's folder: no port to pick, and no TCP store server thread in rank 0
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD)
     try:
         model = _tiny_sam(rank if model_seed_per_rank else 0)
         mine = _batches()[rank::WORLD]
@@ -82,15 +75,15 @@ def _selection_worker(rank: int, port: int, out: str, method: str, model_seed_pe
             result["error"] = str(err)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
-        dist.barrier()  # both ranks have written their results
-    # Leave without tearing gloo down: in CI a worker sometimes aborted in the teardown at exit ("terminate
-    # called without an active exception", SIGABRT) after its results were written; what is tested here is
-    # the selection, and the bundles' own teardown (wf.destroy_distributed) is covered by the torchrun tests.
-    os._exit(0)
+        # leave together, then tear gloo down while the interpreter is whole: no rank closes its pairs while the
+        # other still communicates, and no gloo work is left for interpreter shutdown to destroy
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _run_ranks(tmp_path: Path, method: str, model_seed_per_rank: bool = False) -> list[dict]:
-    tmp_mp.spawn(_selection_worker, args=(_free_port(), str(tmp_path), method, model_seed_per_rank), nprocs=WORLD, join=True)
+    # join=True raises if a worker exits non-zero or by a signal (an abort in gloo's teardown included)
+    tmp_mp.spawn(_selection_worker, args=(str(tmp_path), method, model_seed_per_rank), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -134,17 +127,20 @@ POLYP = dict(epochs=1, synthetic_images=16, batch_size=2, image_size=64, select_
 
 
 def _torchrun_command(layers: list[str], **overrides) -> list[str]:
-    meta = {"organ_fps.json": "organ_metadata.json", "classify.json": "classify_metadata.json"}.get(layers[0], "metadata.json")
+    # --standalone is torchrun's --rdzv-backend=c10d --rdzv-endpoint=localhost:0 --rdzv-id=<uuid>: its store listens
+    # on a port the OS gives it, and the workers join that same store (no port is picked and released)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-               "-m", "monai.bundle", "run", "--config_file", str(bundle_files(layers)),
-               "--meta_file", str(BUNDLES / meta), "--logging_file", str(BUNDLES / "logging.conf")]
+               "-m", "monai.bundle", "run", "--config_file", str(bundle_files(layers))]  # metadata and logging: the task folder's own
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     return command
 
 
 def _env(tmp_path_factory) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_PEFT_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+    """The torchrun subprocess's environment; the workers share torchrun's own store (the opt-out is dropped)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_PEFT_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    return env
 
 
 def torchrun(layers: list[str], env: dict, **overrides) -> subprocess.CompletedProcess:
@@ -165,7 +161,7 @@ def test_a_validation_set_smaller_than_the_ranks_is_refused_by_name(tmp_path, tm
     assert "selection by" not in output and not (tmp_path / "selection.safetensors").exists()  # refused before any work
 
 
-def test_polyp_bundle_trains_under_the_layer_and_only_rank_0_writes(tmp_path, tmp_path_factory):
+def test_polyp_bundle_trains_under_the_layer_and_only_rank_0_writes(tmp_path, tmp_path_factory, monkeypatch):
     env = _env(tmp_path_factory)
     per_rank = f"$'{tmp_path}/rank' + __import__('os').environ['RANK']"  # a folder per rank shows who writes what
     torchrun(["polyp_fps.json", "methods/gps.json", "multi_gpu.json"], env, output_dir=per_rank, **POLYP)
@@ -178,7 +174,7 @@ def test_polyp_bundle_trains_under_the_layer_and_only_rank_0_writes(tmp_path, tm
     assert metrics["method"] == "gps" and metrics["settings"]["processes"] == WORLD
     assert mp.Selection.load(rank0 / "selection.safetensors").method == "gps"
     # validation is reduced over both ranks' shards: the zero-shot score equals one process's on the same weights
-    os.environ["MEDSEG_PEFT_CACHE"] = env["MEDSEG_PEFT_CACHE"]
+    monkeypatch.setenv("MEDSEG_PEFT_CACHE", env["MEDSEG_PEFT_CACHE"])
     run_workflow(["polyp_fps.json", "methods/gps.json"], output_dir=str(tmp_path / "single"), **POLYP)
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     for key in ("mDice", "mIoU"):
@@ -210,9 +206,9 @@ def test_killed_two_process_run_resumes_with_the_same_selection(tmp_path, tmp_pa
 
 
 @pytest.mark.parametrize("task,overrides", [
-    ("organ_fps.json", dict(epochs=1, val_interval=1, synthetic_volumes=10, image_size=64, volumes_per_batch=1,
+    ("organ/organ_fps.json", dict(epochs=1, val_interval=1, synthetic_volumes=10, image_size=64, volumes_per_batch=1,
                             slices_per_volume=2, select_batches=1, sw_batch_size=8, checkpointing=True)),  # + DDP with checkpointing
-    ("classify.json", dict(epochs=1, cooldown_epochs=0, batch_size=8, num_workers=0, select_batches=2, checkpointing="selective",
+    ("classify/classify.json", dict(epochs=1, cooldown_epochs=0, batch_size=8, num_workers=0, select_batches=2, checkpointing="selective",
                            base_dtype="bfloat16")),
 ])
 def test_organ_and_classify_bundles_train_under_the_layer(task, overrides, tmp_path, tmp_path_factory):

@@ -7,7 +7,13 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from medseg_peft.data.volume_transforms import INTENSITY_PRESETS, intensity_config, resolve_intensity, slice_sampling, instantiate
+from medseg_peft.data.volume_transforms import (
+    INTENSITY_PRESETS,
+    instantiate,
+    intensity_config,
+    resolve_intensity,
+    slice_sampling,
+)
 from medseg_peft.models import SamSegmenter, build_sam
 from medseg_peft.workflows.metrics import PerClassScores, class_dice_metric, label_map
 from medseg_peft.workflows.organ import num_outputs, organ_loss, organ_postprocessing

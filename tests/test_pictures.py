@@ -11,8 +11,19 @@ import medseg_peft as mp
 from medseg_peft.workflows.charts import new_figure
 from medseg_peft.workflows.contour_sheet import contour_figure, contour_sheet, draw_tile, predictions, tile_dice
 from medseg_peft.workflows.metrics import per_image_scores
-from medseg_peft.workflows.pictures import (base_numels, block_label, curve_series, draw_selection, draw_training_curve, kind_of,
-                                            part_of, selection_figure, selection_from_flags, selection_table, training_curve_figure)
+from medseg_peft.workflows.pictures import (
+    base_numels,
+    block_label,
+    curve_series,
+    draw_selection,
+    draw_training_curve,
+    kind_of,
+    part_of,
+    selection_figure,
+    selection_from_flags,
+    selection_table,
+    training_curve_figure,
+)
 from medseg_peft.workflows.report import RunReport
 
 

@@ -10,7 +10,6 @@ import medseg_peft as mp
 from conftest import error_chain, run_workflow
 
 
-
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MEDSEG_PEFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

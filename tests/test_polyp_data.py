@@ -16,8 +16,8 @@ from medseg_peft.data import (
     polyp_image_pair,
     polyp_transforms,
     split_by_stem,
+    synthetic_polyps,
 )
-from medseg_peft.data import synthetic_polyps
 
 
 def write_pair(image_dir, mask_dir, stem, size=(24, 16), image_ext=".jpg", mask_ext=".png", mask_size=None):

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg_peft.models import build_sam, detect_variant, read_sam_state_dict, sam_segmenter
-from medseg_peft.models import named_checkpoints
+from medseg_peft.models import build_sam, detect_variant, named_checkpoints, read_sam_state_dict, sam_segmenter
 from medseg_peft.models.named_checkpoints import NAMED_CHECKPOINTS, resolve_checkpoint
 
 

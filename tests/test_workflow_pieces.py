@@ -38,7 +38,12 @@ def test_metrics_match_hand_computed_values():
 def test_metrics_agree_with_torchmetrics():
     """An independent implementation (torchmetrics' F1 = Dice and Jaccard = IoU on the pixels of each image,
     an empty mask predicted empty scoring 1) against MONAI's per-image and per-class scores we report."""
-    from torchmetrics.functional.classification import binary_f1_score, binary_jaccard_index, multiclass_f1_score, multiclass_jaccard_index
+    from torchmetrics.functional.classification import (
+        binary_f1_score,
+        binary_jaccard_index,
+        multiclass_f1_score,
+        multiclass_jaccard_index,
+    )
 
     from medseg_peft.workflows.metrics import class_dice_metric, class_iou_metric
 
@@ -161,7 +166,7 @@ def test_the_multi_gpu_layer_keeps_the_device_asked_for(monkeypatch):
         assert parser.get_parsed_content("torch_device", lazy=False) == torch.device("cuda", 1)
 
 
-@pytest.mark.parametrize("meta", ["metadata.json", "organ_metadata.json", "classify_metadata.json"])
+@pytest.mark.parametrize("meta", ["metadata.json", "organ/metadata.json", "classify/metadata.json"])
 def test_each_task_bundle_has_metadata_that_verifies(meta):
     import json
 
@@ -171,7 +176,7 @@ def test_each_task_bundle_has_metadata_that_verifies(meta):
 
     verify_metadata(meta_file=str(BUNDLES / meta), filepath=str(BUNDLES / "schema.json"))  # raises on a schema violation
     described = json.loads((BUNDLES / meta).read_text())
-    task = {"metadata.json": "polyp", "organ_metadata.json": "organ", "classify_metadata.json": "classification"}[meta]
+    task = {"metadata.json": "polyp", "organ/metadata.json": "organ", "classify/metadata.json": "classification"}[meta]
     assert task in described["name"].lower() or task in described["task"].lower()
 
 

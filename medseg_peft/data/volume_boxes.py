@@ -42,7 +42,8 @@ from monai.inferers import SliceInferer
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
-from .volume_io import read_geometry, volume_stem
+from .volume_files import volume_stem
+from .volume_geometry import read_geometry
 
 PROMPTS = ("none", "box")
 BOX_SUFFIX = ".boxes.json"

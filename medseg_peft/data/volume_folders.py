@@ -8,7 +8,7 @@ is the 2D loaders' seeded hash of file stems (:func:`medseg_peft.data.folders.sp
 the same on every machine and independent of listing order.
 
 Only the layout is checked here (keys, files present, pairing); whether a pair's shapes, affines and
-label values agree is :func:`medseg_peft.data.volume_io.check_volume_pair`'s job.
+label values agree is :func:`medseg_peft.data.volume_checks.check_volume_pair`'s job.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from medseg_peft.data.folders import split_by_stem
-from medseg_peft.data.volume_io import VOLUME_SUFFIXES, VolumeDataError, is_dicom_dir, volume_stem
+from medseg_peft.data.volume_files import VOLUME_SUFFIXES, VolumeDataError, is_dicom_dir, volume_stem
 
 log = logging.getLogger("medseg_peft")
 

@@ -13,7 +13,6 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-
 PROMPT_KEYS = {"box": "boxes"}  # batch key -> the model's keyword
 
 

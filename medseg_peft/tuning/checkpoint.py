@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from medseg_peft.entries import Selection, entries_from_meta, entry_meta, read_safetensors_with_meta, smallest_int
 from medseg_peft.io import atomic_save_safetensors
-from medseg_peft.tuning.attach import owner_of, attach, detach, is_attached, tuning_state
+from medseg_peft.tuning.attach import attach, detach, is_attached, owner_of, tuning_state
 
 DELTA_FORMAT = "medseg_peft.delta"
 

@@ -28,6 +28,7 @@ _EXPORTS = {
     "contour_sheet": "contour_sheet",
     "base_fingerprint": "run_folder",
     "data_fingerprint": "run_folder",
+    "short_errors": "errors",
     "PerClassScores": "metrics",
     "binarize": "metrics",
     "class_dice_handler": "metrics",
@@ -59,6 +60,7 @@ lazy_package(__name__, _EXPORTS)
 __all__ = [
     "base_fingerprint",
     "data_fingerprint",
+    "short_errors",
     "Checkpoints",
     "check_shardable",
     "PerClassScores",

@@ -83,6 +83,15 @@ SPT_SENSITIVITY_IMAGES = 512  # ziplab/SPT: sensitivity from the first 512 train
 SPT_SENSITIVITY_BATCH = 32
 
 
+def selection_protocol(method: str, batch_size: int) -> dict:
+    """How each method's reference scores its selection on classification: GPS on two random views of each
+    image (its supervised-contrastive loss needs pairs), SPT on the first 512 training images in file
+    order, batch 32 (ziplab/SPT), the others on shuffled training batches of the run's ``batch_size``."""
+    if method == "spt":
+        return {"views": 1, "batch_size": SPT_SENSITIVITY_BATCH, "shuffle": False}
+    return {"views": 2 if method == "gps" else 1, "batch_size": batch_size, "shuffle": True}
+
+
 def classification_data(recipe: dict, data_root: str | None = None, split_mode: str = "test", seed: int = 0,
                         method: str | None = None) -> dict:
     """``{"train", "eval", "select": [{"image", "label"}], "source"}`` from the task folder under ``data_root``.

@@ -27,8 +27,8 @@ def organ_data(dataset_dir: str | None = None, classes: Sequence[str] | Mapping 
     and is required for the plain ``images/`` + ``labels/`` layout.
     """
     from medseg_peft.data.synthetic_organs import make_synthetic_organs
+    from medseg_peft.data.volume_checks import check_volume_pair, label_classes
     from medseg_peft.data.volume_folders import volume_datalists
-    from medseg_peft.data.volume_io import check_volume_pair, label_classes
 
     if given(dataset_dir):
         root, source = dataset_dir, str(dataset_dir)
@@ -147,8 +147,10 @@ def volume_inputs(dataset_dir: str | None = None, classes: Sequence[str] | Mappi
     from pathlib import Path
 
     from medseg_peft.data.synthetic_organs import make_synthetic_organs
+    from medseg_peft.data.volume_checks import check_channels
+    from medseg_peft.data.volume_files import list_volumes
     from medseg_peft.data.volume_folders import class_names, msd_class_names
-    from medseg_peft.data.volume_io import check_channels, list_volumes, read_geometry
+    from medseg_peft.data.volume_geometry import read_geometry
 
     root = Path(dataset_dir).expanduser() if given(dataset_dir) else make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
     images = list_volumes(root)

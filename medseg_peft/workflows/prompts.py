@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from medseg_peft.data.volume_boxes import check_prompt  # beside the one list of prompts, carried by exported bundles too
+from medseg_peft.data.volume_boxes import (
+    check_prompt,  # beside the one list of prompts, carried by exported bundles too
+)
 
 
 def prompt_batch(prompt: str = "none"):

@@ -29,8 +29,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from medseg_peft.io import atomic_write_json
 from medseg_peft.distributed import is_main_process
+from medseg_peft.io import atomic_write_json
 from medseg_peft.tuning import is_attached, save_tuned, tuning_state
 from medseg_peft.workflows.pictures import base_numels, draw_selection, draw_training_curve, selection_from_flags
 
