@@ -74,10 +74,12 @@ def test_float_and_32_bit_images_are_scaled_min_to_max(tmp_path, mode):
     Image.fromarray(box_mask((40, 56))).save(tmp_path / "mask.png")
     assert Image.open(tmp_path / "scan.tif").mode == mode
     tf = polyp_transforms(32, train=False)
-    from monai.transforms import Compose, Resized
+    from monai.transforms import Compose
+
+    from medseg_peft.data import FitToSized
 
     item = {"image": str(tmp_path / "scan.tif"), "label": str(tmp_path / "mask.png")}
-    image = Compose([t for t in tf.transforms if not isinstance(t, Resized)])(item)["image"]
+    image = Compose([t for t in tf.transforms if not isinstance(t, FitToSized)])(item)["image"]
     expected = (values - values.min()) / (values.max() - values.min()) * 255.0
     assert image.shape == (3, 40, 56)
     for channel in image:

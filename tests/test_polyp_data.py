@@ -153,9 +153,11 @@ def test_transforms_keep_row_major_orientation_of_a_non_square_image(tmp_path):
     item = {"image": str(tmp_path / "img.png"), "label": str(tmp_path / "mask.png"), "name": "img"}
 
     tf = polyp_transforms(32, train=False)
-    from monai.transforms import Compose, Resized
+    from monai.transforms import Compose
 
-    loaded = Compose([t for t in tf.transforms if not isinstance(t, Resized)])(item)
+    from medseg_peft.data import FitToSized
+
+    loaded = Compose([t for t in tf.transforms if not isinstance(t, FitToSized)])(item)
     assert loaded["image"].shape == (3, h, w) and loaded["label"].shape == (1, h, w)
     assert loaded["image"][:, 0, w - 1].tolist() == [255.0, 200.0, 180.0]
     assert tuple(loaded["image"].meta["spatial_shape"]) == (h, w)
@@ -237,3 +239,31 @@ def test_make_synthetic_polyps_writes_once_in_kvasir_layout_and_reuses(tmp_path,
     assert len(train) == 4 and len(val) == 2
     out = polyp_transforms(32, train=False)(train[0])
     assert out["image"].shape == (3, 32, 32) and out["label"].shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("prompt,augment", [("none", True), ("box", True), ("box", False)])
+def test_the_bundles_transform_lists_are_the_library_pipeline(prompt, augment):
+    """``polyp_fps.json`` lists its transforms step by step (overridable by key); they equal ``polyp_transforms``."""
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    from conftest import BUNDLES
+    from medseg_peft.data import make_synthetic_polyps, polyp_datalists
+
+    train, val = polyp_datalists(make_synthetic_polyps(n_images=8, size=64, seed=0), 0.25, 0)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "polyp_fps.json"))
+    parser.update({"image_size": 64, "prompt": prompt, "augment": augment, "train#preprocessing#transforms#5#spatial_axis": 1})
+    set_determinism(0)
+    steps = parser.get_parsed_content("train#preprocessing")
+    assert steps.transforms[5].flipper.spatial_axis == 1  # one step's setting, overridden by its key
+    parser["train#preprocessing#transforms#5#spatial_axis"] = 0
+    for bundle, library, items in ((parser.get_parsed_content("train#preprocessing", lazy=False), polyp_transforms(64, True, prompt=prompt, augment=augment), train),
+                                   (parser.get_parsed_content("validate#preprocessing"), polyp_transforms(64, False, prompt=prompt), val)):
+        bundle.set_random_state(3), library.set_random_state(3)
+        for item in items:
+            ours, theirs = bundle(dict(item)), library(dict(item))
+            for key in ("image", "label", "box"):
+                assert (key in ours) == (key in theirs)
+                if key in theirs:
+                    assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), (key, item["name"])

@@ -12,6 +12,13 @@ _EXPORTS = {
     "polyp_datalists": "polyp_folders",
     "split_by_stem": "folders",
     "polyp_transforms": "polyp_transforms",
+    "BinariseMaskd": "polyp_transforms",
+    "FitToSized": "polyp_transforms",
+    "PromptBoxesd": "polyp_transforms",
+    "RGBImageReader": "polyp_transforms",
+    "clip_0_255": "polyp_transforms",
+    "label_reader": "polyp_transforms",
+    "medsam_jitter": "box_prompts",
     "ORGAN_CLASSES": "synthetic_organs",
     "make_synthetic_organs": "synthetic_organs",
     "default_cache_dir": "synthetic_polyps",
@@ -36,6 +43,13 @@ _EXPORTS = {
 lazy_package(__name__, _EXPORTS)
 
 __all__ = [
+    "BinariseMaskd",
+    "FitToSized",
+    "PromptBoxesd",
+    "RGBImageReader",
+    "clip_0_255",
+    "label_reader",
+    "medsam_jitter",
     "INTENSITY_PRESETS",
     "ORGAN_CLASSES",
     "SaveLabelVolumed",

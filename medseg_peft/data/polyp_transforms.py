@@ -37,6 +37,7 @@ from monai.transforms import (
     MapTransform,
     RandAdjustContrastd,
     RandFlipd,
+    Randomizable,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -158,47 +159,88 @@ class PadBottomRightd(MapTransform):
 RESIZES = ("square", "longest_side")
 
 
+class FitToSized(MapTransform):
+    """Resize ``image`` and ``label`` to the model's ``size x size`` input as its checkpoint was trained:
+    ``"square"`` stretches (SAM ViT); ``"longest_side"`` scales the longest side to ``size`` and pads
+    bottom-right (MedSAM / LiteMedSAM / MobileSAM). The image is resized bilinearly with anti-aliasing,
+    the label nearest-exact, so labels stay in {0, 1}."""
+
+    def __init__(self, size: int, resize: str = "square", keys=(IMAGE_KEY, LABEL_KEY)):
+        super().__init__(list(keys))
+        if int(size) <= 0:
+            raise ValueError(f"image_size must be a positive number of pixels, got {size!r}")
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+        s = int(size)
+        shape = {"spatial_size": (s, s)} if resize == "square" else {"spatial_size": s, "size_mode": "longest"}
+        image, label = keys
+        self.steps = [Resized(image, mode="bilinear", align_corners=False, anti_aliasing=True, **shape),
+                      Resized(label, mode="nearest-exact", **shape)]
+        if resize == "longest_side":
+            self.steps.append(PadBottomRightd(s, keys))
+
+    def __call__(self, data):
+        for step in self.steps:
+            data = step(data)
+        return data
+
+
+class PromptBoxesd(Randomizable, MapTransform):
+    """The boxes a ``prompt`` needs, from the label: MedSAM's boxes for ``"box"`` (see ``BoxesFromMaskd``),
+    nothing for ``"none"``; one step either way, so a bundle lists it whatever the prompt. Seeding it
+    (``Compose`` does, under ``set_determinism``) seeds the box jitter."""
+
+    def __init__(self, prompt: str = "none", jitter: int = 0, label_key: str = LABEL_KEY):
+        MapTransform.__init__(self, [label_key])
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+        self.boxes = BoxesFromMaskd(label_key, jitter=jitter) if prompt == "box" else None
+
+    def set_random_state(self, seed=None, state=None) -> "PromptBoxesd":
+        super().set_random_state(seed, state)
+        if self.boxes is not None:
+            self.boxes.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        """The jitter is drawn by the box step itself."""
+
+    def __call__(self, data):
+        return self.boxes(data) if self.boxes is not None else dict(data)
+
+
+def label_reader() -> RowMajorPILReader:
+    """Masks as one grey channel, row-major (see :func:`mask_to_grey`)."""
+    return RowMajorPILReader(converter=mask_to_grey)
+
+
 def polyp_transforms(image_size: int, train: bool, resize: str = "square", prompt: str = "none", augment: bool = True) -> Compose:
     """Load, binarise, resize to ``image_size`` and (for ``train`` with ``augment``) augment one polyp datalist item.
 
-    Output: ``image`` float32 ``[3, S, S]`` in 0-255 (not normalised), ``label`` float32 ``[1, S, S]`` in
-    {0, 1}, with ``prompt="box"`` also ``box`` ``[16, 4]`` (see ``box_prompts``); every other key
-    (``name``, ``set``) passes through unchanged.
+    The same steps as ``train#preprocessing`` / ``validate#preprocessing`` of ``bundles/polyp_fps.json``,
+    which lists them one by one so each can be overridden by key. Output: ``image`` float32 ``[3, S, S]`` in
+    0-255 (not normalised), ``label`` float32 ``[1, S, S]`` in {0, 1}, with ``prompt="box"`` also ``box``
+    ``[16, 4]`` (see ``box_prompts``); every other key (``name``, ``set``) passes through unchanged.
     """
-    if int(image_size) <= 0:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}")
-    if resize not in RESIZES or prompt not in PROMPTS:
-        raise ValueError(f"resize must be one of {RESIZES} and prompt one of {PROMPTS}, got resize={resize!r}, prompt={prompt!r}")
     s = int(image_size)
     keys = [IMAGE_KEY, LABEL_KEY]
     steps = [
         LoadImaged(IMAGE_KEY, reader=RGBImageReader(), image_only=True, dtype=np.float32),
-        LoadImaged(LABEL_KEY, reader=RowMajorPILReader(converter=mask_to_grey), image_only=True, dtype=np.float32),
+        LoadImaged(LABEL_KEY, reader=label_reader(), image_only=True, dtype=np.float32),
         EnsureChannelFirstd(keys),
         BinariseMaskd(LABEL_KEY),
+        FitToSized(s, resize),
     ]
-    if resize == "square":
+    if train:
+        p = 1.0 if augment else 0.0  # the steps stay in place with augment off, as in the bundle's list
         steps += [
-            Resized(IMAGE_KEY, spatial_size=(s, s), mode="bilinear", align_corners=False, anti_aliasing=True),
-            Resized(LABEL_KEY, spatial_size=(s, s), mode="nearest-exact"),
-        ]
-    else:
-        steps += [
-            Resized(IMAGE_KEY, spatial_size=s, size_mode="longest", mode="bilinear", align_corners=False, anti_aliasing=True),
-            Resized(LABEL_KEY, spatial_size=s, size_mode="longest", mode="nearest-exact"),
-            PadBottomRightd(s),
-        ]
-    if train and augment:
-        steps += [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
-            RandScaleIntensityd(IMAGE_KEY, factors=0.1, prob=0.5, channel_wise=True),  # brightness and a little colour cast
-            RandShiftIntensityd(IMAGE_KEY, offsets=12.0, prob=0.5),
-            RandAdjustContrastd(IMAGE_KEY, gamma=(0.8, 1.25), prob=0.3),
+            RandFlipd(keys, prob=0.5 * p, spatial_axis=0),
+            RandFlipd(keys, prob=0.5 * p, spatial_axis=1),
+            RandRotate90d(keys, prob=0.5 * p, max_k=3, spatial_axes=(0, 1)),
+            RandScaleIntensityd(IMAGE_KEY, factors=0.1, prob=0.5 * p, channel_wise=True),  # brightness and a little colour cast
+            RandShiftIntensityd(IMAGE_KEY, offsets=12.0, prob=0.5 * p),
+            RandAdjustContrastd(IMAGE_KEY, gamma=(0.8, 1.25), prob=0.3 * p),
             Lambdad(IMAGE_KEY, clip_0_255),
         ]
-    if prompt == "box":
-        steps.append(BoxesFromMaskd(LABEL_KEY, jitter=medsam_jitter(s) if train else 0))
-    steps.append(EnsureTyped(keys, data_type="tensor", dtype=torch.float32))
+    steps += [PromptBoxesd(prompt, jitter=medsam_jitter(s) if train else 0), EnsureTyped(keys, data_type="tensor", dtype=torch.float32)]
     return Compose(steps)

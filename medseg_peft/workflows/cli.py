@@ -12,12 +12,13 @@ RUN_ARGS = {"config_file", "meta_file", "logging_file", "run_id", "init_id", "fi
             "properties_path"}
 
 
-def _config_ids(config: dict, prefix: str = "") -> set[str]:
+def _config_ids(config: dict | list, prefix: str = "") -> set[str]:
+    """Every ID of a config, nested ones included: list items by index (``train#preprocessing#transforms#7``)."""
     ids = set()
-    for key, value in config.items():
+    for key, value in (config.items() if isinstance(config, dict) else enumerate(config)):
         ident = f"{prefix}#{key}" if prefix else str(key)
         ids.add(ident)
-        if isinstance(value, dict):
+        if isinstance(value, (dict, list)):
             ids |= _config_ids(value, ident)
     return ids
 
