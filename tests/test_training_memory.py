@@ -1,4 +1,4 @@
-"""Training memory: a sparse Linear saves only the input columns its selected entries need; activation checkpointing."""
+"""Training memory: a sparse Linear / Conv2d saves only the input columns its selected entries need; activation checkpointing."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import medseg_peft as mp
 from conftest import train_steps
-from medseg_peft.entries import FLAT, ROWS, Entries, Selection
+from medseg_peft.entries import FLAT, ROWS, WHOLE, Entries, Selection
 from medseg_peft.models import sam_segmenter
 from medseg_peft.tuning import tuning_state
 
@@ -124,6 +124,139 @@ def test_compact_deltas_train_only_their_entries_and_round_trip(vit, vit_batches
     fresh = mp.load_delta(copy.deepcopy(base), path).eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), tuned)
+
+
+# ---- Conv2d deltas: patch columns, input channels, or the whole input; never a weight copy --------------
+def _conv_selection(conv, layout: str, columns, k=2, seed=0) -> Selection:
+    """``k`` entries per output row of ``conv``'s weight (viewed ``[out, in * kh * kw]``) among ``columns``; the bias whole."""
+    g = torch.Generator().manual_seed(seed)
+    out, n_cols = conv.weight.shape[0], conv.weight[0].numel()
+    cols = torch.tensor(columns)
+    pick = torch.stack([cols[torch.randperm(len(cols), generator=g)[:k]].sort().values for _ in range(out)])
+    index = pick if layout == ROWS else (torch.arange(out)[:, None] * n_cols + pick).flatten()
+    entries = {"0.weight": Entries(layout, tuple(conv.weight.shape), index)}
+    if conv.bias is not None:
+        entries["0.bias"] = Entries(WHOLE, tuple(conv.bias.shape), None)
+    return Selection(entries, sum(p.numel() for p in conv.parameters()), "manual", {})
+
+
+def _conv_twins(conv, selection, monkeypatch):
+    """The conv attached three ways, the same delta values in each: its own forward, that forward with no
+    compact path (``COMPACT_BELOW`` < 0: the whole input saved), and plain autograd through the parametrization."""
+    import medseg_peft.tuning.delta as delta_module
+
+    lean = mp.attach(torch.nn.Sequential(copy.deepcopy(conv)), selection)
+    monkeypatch.setattr(delta_module, "COMPACT_BELOW", -1.0)
+    dense = mp.attach(torch.nn.Sequential(copy.deepcopy(conv)), selection)
+    plain = mp.attach(torch.nn.Sequential(copy.deepcopy(conv)), selection)
+    monkeypatch.undo()
+    del type(plain[0]).forward  # nn.Conv2d.forward: F.conv2d of the effective weight, as autograd saves it
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for ps in zip(*(mp.trainable_parameters(m) for m in (lean, dense, plain))):
+            noise = torch.randn(ps[0].shape, generator=g) * 0.1
+            for p in ps:
+                p.copy_(noise)
+    return lean, dense, plain
+
+
+def _conv_step(model, x, autocast=False):
+    """Forward + a fixed random loss; the output, the bytes saved for backward, and the gradients of the delta values and of ``x``."""
+    x = x.detach().clone().requires_grad_(True)
+    for p in mp.trainable_parameters(model):
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, saved = _saved_bytes(lambda: model(x))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out.float() * weights).sum().backward()
+    return out.detach(), saved, [p.grad.clone() for p in mp.trainable_parameters(model)] + [x.grad.clone()]
+
+
+def _assert_same_step(results, autocast=False) -> None:
+    (out_a, _, grads_a), *rest = results
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for out_b, _, grads_b in rest:
+        assert torch.equal(out_a, out_b)  # the forward is untouched: the same effective weight, bit for bit
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("layout", [ROWS, FLAT])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_patch_conv_column_gradient_equals_the_dense_one(layout, autocast, monkeypatch):
+    from medseg_peft.tuning.delta_conv import patch_like
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, kernel_size=4, stride=4)  # a patch embedding: 64 columns per row
+    lean, dense, plain = _conv_twins(conv, _conv_selection(conv, layout, columns=(1, 5, 6, 17, 40)), monkeypatch)
+    delta = tuning_state(lean).deltas["0.weight"]
+    assert patch_like(lean[0]) and delta.columns.tolist() == [1, 5, 6, 17, 40] and tuning_state(dense).deltas["0.weight"].columns is None
+    x = torch.randn(2, 4, 18, 23, generator=torch.Generator().manual_seed(1))  # rows / columns past the last whole patch
+    _assert_same_step([_conv_step(m, x, autocast) for m in (lean, dense, plain)], autocast)
+
+
+def test_patch_conv_saves_only_the_selected_columns(monkeypatch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, kernel_size=4, stride=4)
+    lean, dense, plain = _conv_twins(conv, _conv_selection(conv, ROWS, columns=(1, 5, 6, 17, 40)), monkeypatch)
+    x = torch.randn(2, 4, 16, 16)
+    (_, few, _), (_, whole, _), (_, autograd, _) = [_conv_step(m, x) for m in (lean, dense, plain)]
+    fp32, patches = 4, 2 * 4 * 4
+    assert few == 5 * patches * fp32  # the 5 selected columns of each patch
+    assert whole == x.numel() * fp32  # the whole input, no effective weight beside it
+    assert autograd == x.numel() * fp32 + conv.weight.numel() * fp32  # plain F.conv2d also keeps the effective weight
+    assert few / autograd <= 5 / 64
+
+
+def test_other_convs_keep_the_whole_input_or_their_selected_channels(monkeypatch):
+    from medseg_peft.tuning.delta_conv import patch_like
+
+    fp32 = 4
+    x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(1))
+    for kwargs in (dict(kernel_size=3, padding=1), dict(kernel_size=4, stride=2, padding=1), dict(kernel_size=2, stride=2, padding=1),
+                   dict(kernel_size=3, padding=1, groups=2)):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(8, 6, bias=False, **kwargs)
+        per_channel = conv.weight[0, 0].numel()
+        assert not patch_like(conv)
+        # entries spread over every input channel: the dense path, the whole input saved and no weight copy
+        spread = [c * per_channel for c in range(conv.weight.shape[1])]
+        lean, dense, plain = _conv_twins(conv, _conv_selection(conv, ROWS, columns=spread, k=len(spread)), monkeypatch)
+        results = [_conv_step(m, x) for m in (lean, dense, plain)]
+        _assert_same_step(results)
+        assert results[0][1] == results[1][1] == x.numel() * fp32, kwargs
+        assert results[2][1] == (x.numel() + conv.weight.numel()) * fp32
+        # entries in input channels 1 and 3 only (one group): those two channels are saved
+        few = [1 * per_channel, 3 * per_channel + per_channel - 1]
+        lean, dense, plain = _conv_twins(conv, _conv_selection(conv, FLAT, columns=few), monkeypatch)
+        results = [_conv_step(m, x) for m in (lean, dense, plain)]
+        _assert_same_step(results)
+        assert results[1][1] == x.numel() * fp32
+        assert results[0][1] == (x.numel() * 2 // 8 if conv.groups == 1 else x.numel()) * fp32, kwargs
+
+
+def test_sam_conv_deltas_give_the_plain_gradients():
+    """FPS on a tiny SAM: its patch embedding and neck convs train sparse entries; every gradient is plain autograd's."""
+    x, y = _sam_batch()
+    torch.manual_seed(0)
+    model = mp.FPS(k=2)(sam_segmenter("tiny"), [(x, y)])
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        if "forward" in vars(type(m)) and hasattr(m, "parametrizations"):
+            del type(m).forward
+    convs = [n for n, d in tuning_state(model).deltas.items() if d.index is not None and len(d.shape) == 4]
+    assert any("patch_embed" in n for n in convs) and any("neck" in n for n in convs)
+    with torch.no_grad():
+        for a, b in zip(mp.trainable_parameters(model), mp.trainable_parameters(plain)):
+            a.normal_(0, 0.02)
+            b.copy_(a)
+    grads = []
+    for m in (model, plain):
+        m.train()
+        _seg_loss(m(x), y).backward()
+        grads.append([p.grad for p in mp.trainable_parameters(m)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def _sam_batch():

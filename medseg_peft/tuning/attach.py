@@ -25,6 +25,7 @@ from medseg_peft.entries import ADAPTER, LORA, Entries, Selection
 from medseg_peft.tuning.adapter import AdapterDelta
 from medseg_peft.tuning.branch import Branch
 from medseg_peft.tuning.delta import Delta, delta_linear_forward
+from medseg_peft.tuning.delta_conv import delta_conv_forward, prepare_conv
 from medseg_peft.tuning.lora import LoRADelta
 
 STATE_ATTR = "medseg_peft"
@@ -102,7 +103,7 @@ def make_delta(entries: Entries, device: torch.device | None = None, dropout: fl
 
 
 def _register(module: nn.Module, tensor_name: str, delta: nn.Module) -> None:
-    """Parametrize ``module.<tensor_name>`` by ``delta``; a plain Linear's weight also gets the lean forward.
+    """Parametrize ``module.<tensor_name>`` by ``delta``; a plain Linear's or Conv2d's weight also gets the lean forward.
 
     ``register_parametrization`` gives each module its own generated subclass, so setting ``forward``
     on that class changes this module only, and ``remove_parametrizations`` drops it with the class.
@@ -116,8 +117,12 @@ def _register(module: nn.Module, tensor_name: str, delta: nn.Module) -> None:
             return
         delta = delta.sparse  # the single entries beside the branches: a sparse delta on the weight
     parametrize.register_parametrization(module, tensor_name, delta, unsafe=True)
-    if tensor_name == "weight" and parametrize.type_before_parametrizations(module) is nn.Linear:
+    kind = parametrize.type_before_parametrizations(module)
+    if tensor_name == "weight" and kind is nn.Linear:
         type(module).forward = delta_linear_forward
+    elif tensor_name == "weight" and kind is nn.Conv2d:
+        prepare_conv(module, delta)
+        type(module).forward = delta_conv_forward
 
 
 def _check_untied(model: nn.Module, selection: Selection) -> None:

@@ -56,25 +56,36 @@ class Delta(nn.Module):
         self.values = nn.Parameter(torch.zeros(value_shape, dtype=torch.float32, device=device))
         self._index_columns(device)
 
-    def _index_columns(self, device) -> None:
-        """``columns``: the sorted input columns holding any selected entry; ``local``: each entry's position
-        in the ``[rows, len(columns)]`` matrix of those columns (flattened for a flat index). A Linear
-        delta then needs only ``x[..., columns]`` for its gradient; ``None`` where that saves too little."""
+    def _index_columns(self, device, group: int = 1) -> None:
+        """``columns``: the sorted input columns (of the ``[rows, in * kh * kw...]`` row view) holding any selected
+        entry, or with ``group > 1`` the sorted runs of ``group`` consecutive columns (a conv's input channels:
+        ``group = kh * kw``); ``local``: each entry's position in the ``[rows, len(columns) * group]`` matrix of
+        those columns (flattened for a flat index). A Linear delta then needs only ``x[..., columns]`` for its
+        gradient, a conv only those patch columns or channels (``delta_conv``); ``None`` where that saves too
+        little. ``column_group`` records ``group``."""
         self.register_buffer("columns", None, persistent=False)
         self.register_buffer("local", None, persistent=False)
-        if self.layout not in (ROWS, FLAT) or len(self.shape) != 2:
+        self.column_group = group
+        if self.layout not in (ROWS, FLAT) or len(self.shape) < 2:
             return
-        n_cols = self.shape[1]
+        n_cols = row_view_shape(self.shape)[1]
         index = self.index.long()
         cols = index if self.layout == ROWS else index % n_cols
-        columns, position = torch.unique(cols, sorted=True, return_inverse=True)
-        if columns.numel() > COMPACT_BELOW * n_cols:
+        columns, position = torch.unique(cols // group, sorted=True, return_inverse=True)
+        if columns.numel() * group > COMPACT_BELOW * n_cols:
             return
-        local = position if self.layout == ROWS else (index // n_cols) * columns.numel() + position
+        position = position * group + cols % group
+        width = columns.numel() * group
+        local = position if self.layout == ROWS else (index // n_cols) * width + position
         self.columns, self.local = columns.to(device), local.to(device)
 
+    def group_columns(self, group: int) -> None:
+        """Index the columns in runs of ``group`` (see ``_index_columns``); nothing to do if already so."""
+        if group != self.column_group:
+            self._index_columns(None if self.index is None else self.index.device, group)
+
     def gather_columns(self, dense_columns: torch.Tensor) -> torch.Tensor:
-        """The entries of a ``[rows, len(columns)]`` matrix holding the selected columns of a dense tensor."""
+        """The entries of a ``[rows, len(columns) * column_group]`` matrix holding the selected columns of a dense tensor."""
         if self.layout == ROWS:
             return dense_columns.gather(1, self.local)
         return dense_columns.reshape(-1).gather(0, self.local)
