@@ -36,7 +36,7 @@ def error_chain(err: BaseException) -> list[BaseException]:
     return chain
 
 
-def _message(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())  # one line, whatever line breaks the message has
 
 
@@ -45,12 +45,12 @@ def shown_error(err: BaseException) -> BaseException:
     chain = [e for e in error_chain(err) if not is_wrapper(e)]
     if not chain:  # nothing but wrappers
         return error_chain(err)[-1]
-    return next((e for e in chain if _NAMES_SOMETHING.search(_message(e))), chain[-1])
+    return next((e for e in chain if _NAMES_SOMETHING.search(one_line(e))), chain[-1])
 
 
 def error_line(err: BaseException) -> str:
     shown = shown_error(err)
-    return f"{type(shown).__name__}: {_message(shown) or '(no message)'}"
+    return f"{type(shown).__name__}: {one_line(shown) or '(no message)'}"
 
 
 def _excepthook(kind, err, tb, _previous=sys.excepthook):
@@ -71,7 +71,7 @@ def under_monai_bundle(argv: list[str] | None = None) -> bool:
 
 def is_wrapper(err: BaseException) -> bool:
     """One of MONAI's wrappers, which name a config item or a transform rather than the cause."""
-    return type(err) is RuntimeError and _message(err).startswith(WRAPPERS)
+    return type(err) is RuntimeError and one_line(err).startswith(WRAPPERS)
 
 
 def short_errors(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from medseg_peft.data.bundle_errors import error_chain, is_wrapper, under_monai_bundle
+from medseg_peft.data.bundle_errors import TRACEBACK_ENV, error_chain, is_wrapper, one_line, under_monai_bundle
 
 log = logging.getLogger("medseg_peft")
 
@@ -61,13 +61,13 @@ def root_cause(err: BaseException) -> BaseException:
 
 def _short_excepthook(kind, err, tb, _previous=sys.excepthook):
     shown = user_error(err)
-    if os.environ.get("MEDSEG_PEFT_TRACEBACK") or shown is None:
+    if os.environ.get(TRACEBACK_ENV) or shown is None:
         return _previous(kind, err, tb)
     import traceback
 
     log.debug("full traceback:\n%s", "".join(traceback.format_exception(kind, err, tb)))
-    message = " ".join(str(shown).split()) or type(shown).__name__  # one line, whatever the message's own line breaks
-    print(f"medseg-peft: {type(shown).__name__}: {message} (MEDSEG_PEFT_TRACEBACK=1 prints the traceback)", file=sys.stderr, flush=True)
+    message = one_line(shown) or type(shown).__name__
+    print(f"medseg-peft: {type(shown).__name__}: {message} ({TRACEBACK_ENV}=1 prints the traceback)", file=sys.stderr, flush=True)
 
 
 def short_errors() -> None:

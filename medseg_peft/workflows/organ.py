@@ -147,10 +147,9 @@ def volume_inputs(dataset_dir: str | None = None, classes: Sequence[str] | Mappi
     from pathlib import Path
 
     from medseg_peft.data.synthetic_organs import make_synthetic_organs
-    from medseg_peft.data.volume_checks import check_channels
+    from medseg_peft.data.volume_checks import check_volumes
     from medseg_peft.data.volume_files import list_volumes
     from medseg_peft.data.volume_folders import class_names, msd_class_names
-    from medseg_peft.data.volume_geometry import read_geometry
 
     root = Path(dataset_dir).expanduser() if given(dataset_dir) else make_synthetic_organs(n_train=synthetic_volumes, seed=seed)
     images = list_volumes(root)
@@ -161,8 +160,6 @@ def volume_inputs(dataset_dir: str | None = None, classes: Sequence[str] | Mappi
     else:
         raise ValueError(f"{root} has no dataset.json to name the classes: pass the names the model was trained with, "
                          "e.g. --classes \"['liver', 'spleen']\"")
-    channel = int(channel) if given(channel) else None
-    for path in images:
-        check_channels(read_geometry(path), channel)
+    check_volumes(images, int(channel) if given(channel) else None)
     log.info("3D inference on %d volumes from %s, classes %s", len(images), root, names)
     return {"images": [str(p) for p in images], "classes": names, "source": str(root)}
