@@ -27,6 +27,8 @@ def train_steps(model, batches, steps: int = 3, lr: float = 5e-2, weight_decay: 
 
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+ORGAN = ["organ/organ_fps.json", "base.json"]  # a task bundle, then the shared trainer / checkpoint skeleton
+CLASSIFY = ["classify/classify.json", "base.json"]
 
 
 def bundle_files(config_file) -> list[str]:

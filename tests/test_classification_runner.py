@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import error_chain, run_workflow
+from conftest import CLASSIFY, error_chain, run_workflow
 from medseg_peft.models.vit import build_vit
 from medseg_peft.recipes import VTAB_TASKS, load_recipe
 from medseg_peft.results import collect, fgvc_mean, table, vtab_averages
@@ -66,7 +66,7 @@ def test_runner_trains_a_tiny_vit_on_a_fake_vtab_task(tmp_path):
     pretrained = tmp_path / "tiny.pth"
     torch.save(build_vit("demo", 10).state_dict(), pretrained)
     out = tmp_path / "run"
-    run_workflow("classify/classify.json", task="dtd", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32,
+    run_workflow(CLASSIFY, task="dtd", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32,
                  epochs=2, cooldown_epochs=0, batch_size=8, num_workers=0, output_dir=str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["task"] == "dtd" and metrics["method"] == "gps"
@@ -105,7 +105,7 @@ def test_bad_classification_input(tmp_path, overrides, message):
         np.savez(tmp_path / "other.npz", **{"conv_1/kernel": np.zeros((3, 3, 3, 8), np.float32)})
         overrides = {**overrides, "pretrained": str(tmp_path / "other.npz"), "data_root": str(tmp_path)}
     with pytest.raises(Exception) as info:
-        run_workflow("classify/classify.json", output_dir=str(tmp_path / "run"), epochs=1, cooldown_epochs=0, num_workers=0, **overrides)
+        run_workflow(CLASSIFY, output_dir=str(tmp_path / "run"), epochs=1, cooldown_epochs=0, num_workers=0, **overrides)
     assert message in error_chain(info.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -137,7 +137,7 @@ def test_runner_fgvc_recipe_with_mixup_ema_and_resume(tmp_path):
     out = tmp_path / "run"
     common = dict(task="flowers", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32,
                   cooldown_epochs=0, batch_size=16, num_workers=0, output_dir=str(out))
-    layers = ["classify/classify.json", "methods/fps.json"]
+    layers = [*CLASSIFY, "methods/fps.json"]
     wf = run_workflow(layers, epochs=1, **common)
     recipe = wf.parser.get_parsed_content("recipe")
     assert recipe["ema"] == 0.99 and recipe["mixup"] == 0.8 and recipe["transforms"] == "fgvc"
@@ -243,7 +243,7 @@ def test_spt_sensitivity_reads_the_first_512_train800_images_in_file_order(tmp_p
 
     from conftest import BUNDLES, bundle_files
 
-    wf = ConfigWorkflow(config_file=bundle_files(["classify/classify.json", "methods/spt.json"]), meta_file=str(BUNDLES / "classify" / "metadata.json"),
+    wf = ConfigWorkflow(config_file=bundle_files([*CLASSIFY, "methods/spt.json"]), meta_file=str(BUNDLES / "classify" / "metadata.json"),
                         logging_file=False, workflow_type=None, output_dir=str(tmp_path / "run"), num_workers=0)
     wf.initialize()
     try:

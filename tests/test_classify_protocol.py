@@ -57,11 +57,11 @@ def test_spt_fgvc_sensitivity_reads_train_images_through_the_training_transform(
     """SPT's JSONDataset builds the "train" split with the training transform, and its sensitivity pass reads that split."""
     from monai.bundle import ConfigWorkflow
 
-    from conftest import BUNDLES, bundle_files
+    from conftest import BUNDLES, CLASSIFY, bundle_files
     from test_classification_runner import fake_fgvc
 
     fake_fgvc(tmp_path)
-    wf = ConfigWorkflow(config_file=bundle_files(["classify/classify.json", "methods/spt.json"]), meta_file=str(BUNDLES / "classify" / "metadata.json"),
+    wf = ConfigWorkflow(config_file=bundle_files([*CLASSIFY, "methods/spt.json"]), meta_file=str(BUNDLES / "classify" / "metadata.json"),
                         logging_file=False, workflow_type=None, output_dir=str(tmp_path / "run"), num_workers=0, task="flowers",
                         data_root=str(tmp_path), image_size=32)
     transform = wf.parser.get_parsed_content("select#dataloader").dataset.transform
@@ -166,7 +166,7 @@ def fake_vtab_splits(root, task="dtd", n_train=16, n_val=8, n_test=8):
 
 
 def test_budget_sweep_writes_the_best_validation_budget_and_the_test_run_reads_it(tmp_path, monkeypatch):
-    from conftest import bundle_files, run_workflow
+    from conftest import CLASSIFY, bundle_files, run_workflow
     from medseg_peft.models.vit import build_vit
     from medseg_peft.workflows.budget_sweep import choose, main, validation_top1
 
@@ -176,7 +176,7 @@ def test_budget_sweep_writes_the_best_validation_budget_and_the_test_run_reads_i
     torch.save(build_vit("demo", 10).state_dict(), pretrained)
     common = dict(task="dtd", data_root=str(tmp_path), arch="demo", pretrained=str(pretrained), image_size=32, epochs=1,
                   cooldown_epochs=0, batch_size=8, num_workers=0, budget_file=str(tmp_path / "val" / "budget.json"))
-    layers = ["classify/classify.json", "methods/spt.json"]
+    layers = [*CLASSIFY, "methods/spt.json"]
     argv = ["--config_file", *bundle_files(layers), "--budgets", "2000,6000", "--output_dir", str(tmp_path / "val")]
     chosen = main(argv + [f"--{key}={value}" for key, value in common.items()])  # the command line, in process
     written = json.loads((tmp_path / "val" / "budget.json").read_text())
@@ -216,11 +216,11 @@ def test_budget_choice_file_and_command_line(tmp_path, caplog):
     args, _ = parse_args(["--config_file", "['bundles/classify/classify.json','bundles/methods/spt.json']"])
     assert parse_args(["--config_file", "a.json", "--budget", "5"])[1] == {"budget": 5}  # no abbreviation of --budgets
     assert args.config_file == ["bundles/classify/classify.json", "bundles/methods/spt.json"] and args.budgets == [200_000, 400_000, 600_000, 800_000]
-    from conftest import bundle_files
+    from conftest import CLASSIFY, bundle_files
     from medseg_peft.workflows.budget_sweep import sweep
 
     with pytest.raises(ValueError, match="SPT's protocol"):
-        sweep(bundle_files(["classify/classify.json"]), [1_000], output_dir=str(tmp_path / "gps"))
+        sweep(bundle_files(CLASSIFY), [1_000], output_dir=str(tmp_path / "gps"))
     with pytest.raises(ValueError, match="sets 'budget' itself"):
-        sweep(bundle_files(["classify/classify.json", "methods/spt.json"]), [1_000], budget=5)
+        sweep(bundle_files([*CLASSIFY, "methods/spt.json"]), [1_000], budget=5)
     assert not (tmp_path / "gps").exists()

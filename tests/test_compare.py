@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import BUNDLES, CLASSIFY, ORGAN, bundle_files  # noqa: E402
 from medseg_peft import compare
 from medseg_peft.workflows import charts
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 POLYP = str(BUNDLES / "polyp_fps.json")
 TINY = ["--epochs", "1", "--synthetic_images", "16", "--batch_size", "4", "--image_size", "64", "--select_batches", "2",
         "--num_workers", "0"]
@@ -131,8 +131,7 @@ def test_each_row_says_whether_it_beats_the_decoder_baseline_at_equal_wall_time(
     assert "| 20.000, yes |" in fps and "| 30.000, no |" in gps and "| (baseline) |" in decoder
 
 
-@pytest.mark.parametrize("bundle,meta,key", [("organ/organ_fps.json", "organ/metadata.json", "mDice"),
-                                             ("classify/classify.json", "classify/metadata.json", "top1")])
+@pytest.mark.parametrize("bundle,meta,key", [(ORGAN, "organ/metadata.json", "mDice"), (CLASSIFY, "classify/metadata.json", "top1")])
 def test_organ_and_classify_bundles_get_their_metadata_and_own_folders(bundle, meta, key, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the bundles' own folders (runs/<task>_<method>) are relative to here
     commands = []
@@ -143,9 +142,9 @@ def test_organ_and_classify_bundles_get_their_metadata_and_own_folders(bundle, m
         return True, 0.1
 
     monkeypatch.setattr(compare, "launch", fake_launch)
-    assert compare.main(["--config_file", str(BUNDLES / bundle), "--methods", "gps,full", "--epochs", "2"]) == 0
+    assert compare.main(["--config_file", str(bundle_files(bundle)), "--methods", "gps,full", "--epochs", "2"]) == 0
     assert all(c[c.index("--meta_file") + 1] == str(BUNDLES / meta) and c[c.index("--epochs") + 1] == "2" for c in commands)
-    prefix = "organ_" if bundle == "organ/organ_fps.json" else "classify_synthetic_"
+    prefix = "organ_" if bundle == ORGAN else "classify_synthetic_"
     rows = json.loads((tmp_path / "runs" / "comparison.json").read_text())["rows"]
     assert [(r["run"], r["key_metric"]) for r in rows] == [(prefix + "gps", key), (prefix + "full", key)]
 

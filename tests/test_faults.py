@@ -14,6 +14,7 @@ from PIL import Image
 
 import medseg_peft as mp
 from conftest import BUNDLES, error_chain, run_workflow
+from conftest import ORGAN as ORGAN_BUNDLE
 from medseg_peft.workflows.cli import check_cli_keys, unknown_keys
 from medseg_peft.workflows.handlers import FiniteLoss
 from medseg_peft.workflows.run_folder import RunLock
@@ -275,7 +276,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
 
 
 # 1 and 2 on volumes: all-background labels; NaN voxels stop the run naming the volume
-ORGAN = dict(epochs=1, val_interval=1, volumes_per_batch=2, slices_per_volume=4, image_size=64, select_batches=1, sw_batch_size=8)
+ORGAN_SETTINGS = dict(epochs=1, val_interval=1, volumes_per_batch=2, slices_per_volume=4, image_size=64, select_batches=1, sw_batch_size=8)
 
 
 def _organ_copy(tmp_path: Path) -> Path:
@@ -295,7 +296,7 @@ def test_all_background_validation_labels_are_refused(tmp_path):
         img = nib.load(label)
         nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), label)
     with pytest.raises(Exception) as info:
-        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+        run_workflow(ORGAN_BUNDLE, output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN_SETTINGS)
     assert "label of" in error_chain(info.value) and "is background only" in error_chain(info.value)
 
 
@@ -309,7 +310,7 @@ def test_nan_voxels_stop_training_naming_the_volume(tmp_path):
         data[::2] = np.nan
         nib.save(nib.Nifti1Image(data, img.affine), image)
     with pytest.raises(Exception) as info:
-        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+        run_workflow(ORGAN_BUNDLE, output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN_SETTINGS)
     message = error_chain(info.value)
     assert "is nan" in message.lower() and "imagesTr" in message
     if (tmp_path / "run" / "best_delta.safetensors").is_file():
@@ -343,7 +344,7 @@ def test_a_sigkilled_run_resumes_and_finishes(tmp_path, tmp_path_factory):
 
 
 def test_nifti_volumes_load_without_a_reader_complaint_per_file(tmp_path, capsys):
-    run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), **{**ORGAN, "synthetic_volumes": 4, "epochs": 1})
+    run_workflow(ORGAN_BUNDLE, output_dir=str(tmp_path / "run"), **{**ORGAN_SETTINGS, "synthetic_volumes": 4, "epochs": 1})
     assert "unable to load" not in capsys.readouterr().out
 
 
@@ -368,7 +369,7 @@ def test_a_truncated_nifti_is_named(tmp_path):
     raw = victim.read_bytes()
     victim.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(Exception) as info:
-        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN)
+        run_workflow(ORGAN_BUNDLE, output_dir=str(tmp_path / "run"), dataset_dir=str(root), **ORGAN_SETTINGS)
     assert f"{victim}: the voxel data cannot be read" in error_chain(info.value)
 
 

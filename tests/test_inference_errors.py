@@ -13,10 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import ORGAN, bundle_files  # noqa: E402
 from medseg_peft.data import bundle_errors
 from medseg_peft.data.volume_io import VolumeDataError, check_volumes
-
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def nifti(path: Path, shape: tuple[int, ...]) -> Path:
@@ -69,7 +68,7 @@ def test_the_short_error_printer_is_installed_under_monai_bundle_only(monkeypatc
 
 def test_a_2d_image_given_to_inference_json_is_one_last_line_naming_it(tmp_path):
     flat = nifti(tmp_path / "in" / "slice_2d.nii.gz", (30, 26))
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(BUNDLES / "organ" / "organ_fps.json"), str(BUNDLES / "organ" / "inference.json")]),
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle_files([*ORGAN, "organ/inference.json"])),
                            "--dataset_dir", str(flat.parent), "--classes", "['liver']", "--run_dir", str(tmp_path / "run"),
                            "--output_dir", str(tmp_path / "labels")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

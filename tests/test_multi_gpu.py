@@ -23,7 +23,7 @@ import torch.multiprocessing as tmp_mp
 import torch.nn.functional as F
 
 import medseg_peft as mp
-from conftest import bundle_files, run_workflow
+from conftest import CLASSIFY, ORGAN, bundle_files, run_workflow
 from medseg_peft.distributed import all_reduce_sum
 from medseg_peft.models import sam_segmenter
 from medseg_peft.selection.eligibility import SELECT, assign_roles
@@ -206,14 +206,14 @@ def test_killed_two_process_run_resumes_with_the_same_selection(tmp_path, tmp_pa
 
 
 @pytest.mark.parametrize("task,overrides", [
-    ("organ/organ_fps.json", dict(epochs=1, val_interval=1, synthetic_volumes=10, image_size=64, volumes_per_batch=1,
+    (ORGAN, dict(epochs=1, val_interval=1, synthetic_volumes=10, image_size=64, volumes_per_batch=1,
                             slices_per_volume=2, select_batches=1, sw_batch_size=8, checkpointing=True)),  # + DDP with checkpointing
-    ("classify/classify.json", dict(epochs=1, cooldown_epochs=0, batch_size=8, num_workers=0, select_batches=2, checkpointing="selective",
+    (CLASSIFY, dict(epochs=1, cooldown_epochs=0, batch_size=8, num_workers=0, select_batches=2, checkpointing="selective",
                            base_dtype="bfloat16")),
 ])
 def test_organ_and_classify_bundles_train_under_the_layer(task, overrides, tmp_path, tmp_path_factory):
     out = tmp_path / "run"
-    torchrun([task, "multi_gpu.json"], _env(tmp_path_factory), output_dir=out, **overrides)
+    torchrun([*task, "multi_gpu.json"], _env(tmp_path_factory), output_dir=out, **overrides)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [0, 1] and metrics["settings"]["processes"] == WORLD
     assert (out / "selection.safetensors").is_file() and list((out / "checkpoints").glob("*.pt"))

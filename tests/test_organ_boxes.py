@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.engines import PrepareBatchExtraInput
 
-from conftest import error_chain, run_workflow
+from conftest import ORGAN, error_chain, run_workflow
 from medseg_peft.data.box_prompts import medsam_jitter, object_boxes, read_box_file
 from medseg_peft.data.volume_boxes import BoxSliceInferer, box_datalist, box_file_for, grid_boxes, read_volume_boxes
 from medseg_peft.data.volume_transforms import SliceBoxesd, slice_sampling
@@ -85,7 +85,7 @@ def test_organ_bundle_trains_and_validates_with_boxes(tmp_path):
     torch.save(build_sam("tiny_lite").state_dict(), ckpt)
     out = tmp_path / "run"
     # MedSAM's own recipe (boxes, the image encoder frozen, prompt encoder and mask decoder trained), and the quickest method here
-    wf = run_workflow(["organ/organ_fps.json", "methods/decoder.json"], output_dir=str(out), sam_variant="tiny_lite", sam_checkpoint=str(ckpt),
+    wf = run_workflow([*ORGAN, "methods/decoder.json"], output_dir=str(out), sam_variant="tiny_lite", sam_checkpoint=str(ckpt),
                       prompt="box", epochs=1, val_interval=1, synthetic_volumes=4, volumes_per_batch=2, slices_per_volume=4, select_batches=1)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "decoder" and metrics["settings"]["prompt"] == "box" and metrics["settings"]["activation"] == "sigmoid"
@@ -139,7 +139,7 @@ def test_box_files_land_on_the_right_slices_and_axes_through_orientation(tmp_pat
     expected[7:11, 0:2, 4:7] = 2
 
     painter = Painter()
-    wf = run_workflow(["organ/organ_fps.json", "organ/inference.json"], dataset_dir=str(folder), classes=["a", "b"], prompt="box", network=painter,
+    wf = run_workflow([*ORGAN, "organ/inference.json"], dataset_dir=str(folder), classes=["a", "b"], prompt="box", network=painter,
                       output_dir=str(tmp_path / "labels"), intensity="minmax", sw_batch_size=2)
     written = nib.load(tmp_path / "labels" / "case_seg.nii.gz")
     assert np.array_equal(np.asanyarray(written.dataobj), expected) and np.allclose(written.affine, PERMUTED)
@@ -206,7 +206,7 @@ def test_inference_bundle_checks_box_files_before_building_the_network(tmp_path)
     volume = write_volume(folder / "case.nii.gz")
     write_boxes(volume, [[0, 0, 0, 4, 4, 9]])
     with pytest.raises(Exception) as info:  # the box check comes first: the missing checkpoint is never looked for
-        run_workflow(["organ/organ_fps.json", "organ/inference.json"], dataset_dir=str(folder), classes=["a"], prompt="box", output_dir=str(tmp_path / "out"),
+        run_workflow([*ORGAN, "organ/inference.json"], dataset_dir=str(folder), classes=["a"], prompt="box", output_dir=str(tmp_path / "out"),
                      sam_variant="tiny", sam_checkpoint=str(tmp_path / "no_such.pth"))
     assert f"box file {folder / 'case.boxes.json'}: box 0 [0, 0, 0, 4, 4, 9] lies outside" in error_chain(info.value)
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import error_chain, run_workflow
+from conftest import ORGAN, error_chain, run_workflow
 
 TINY = dict(epochs=2, val_interval=1, synthetic_volumes=4, volumes_per_batch=2, slices_per_volume=4, image_size=64, select_batches=2)
 
@@ -22,7 +22,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 def test_organ_bundle_trains_exports_and_segments_volumes(tmp_path):
     out = tmp_path / "run"
-    run_workflow("organ/organ_fps.json", output_dir=str(out), **TINY)
+    run_workflow(ORGAN, output_dir=str(out), **TINY)
     metrics = json.loads((out / "metrics.json").read_text())
     zero = metrics["zero_shot"]
     assert zero["epoch"] == 0 and {"mDice", "mIoU", "Dice_liver", "Dice_spleen", "Dice_kidneys", "IoU_kidneys"} <= set(zero)
@@ -32,14 +32,14 @@ def test_organ_bundle_trains_exports_and_segments_volumes(tmp_path):
     assert metrics["best"]["mDice"] == pytest.approx(np.mean(per_class), abs=1e-5)  # the mean of the classes
     assert (out / "best_delta.safetensors").is_file() and (out / "selection.safetensors").is_file()
 
-    run_workflow("organ/organ_fps.json", run_id="export", output_dir=str(out), **TINY)
+    run_workflow(ORGAN, run_id="export", output_dir=str(out), **TINY)
     bundle = out / "bundle"
     assert {p.name for p in (bundle / "models").iterdir()} >= {"model.pt", "model.ts"}
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["3"] == "kidneys"
 
     predictions = tmp_path / "pred"
-    wf = run_workflow(["organ/organ_fps.json", "organ/inference.json"], run_dir=str(out), output_dir=str(predictions), image_size=64, synthetic_volumes=4)
+    wf = run_workflow([*ORGAN, "organ/inference.json"], run_dir=str(out), output_dir=str(predictions), image_size=64, synthetic_volumes=4)
     images = wf.parser.get_parsed_content("inputs")["images"]
     assert len(images) == 2  # the synthetic set's two test volumes
     for image in images:
@@ -71,7 +71,7 @@ def test_organ_bundle_trains_exports_and_segments_volumes(tmp_path):
 ])
 def test_bad_organ_settings_stop_before_training(tmp_path, overrides, message):
     with pytest.raises(Exception) as info:
-        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
+        run_workflow(ORGAN, output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
     assert message in error_chain(info.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -92,6 +92,6 @@ def test_mismatched_label_stops_before_training(tmp_path):
             affine[0, 3] += 5.0  # the label was saved with another origin
         nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj), affine), task / "labels" / path.name)
     with pytest.raises(Exception) as info:
-        run_workflow("organ/organ_fps.json", output_dir=str(tmp_path / "run"), dataset_dir=str(task), classes=["liver", "spleen", "kidneys"], **TINY)
+        run_workflow(ORGAN, output_dir=str(tmp_path / "run"), dataset_dir=str(task), classes=["liver", "spleen", "kidneys"], **TINY)
     assert "organs_001.nii.gz" in error_chain(info.value) and "affine" in error_chain(info.value)
     assert not (tmp_path / "run" / "checkpoints").exists()

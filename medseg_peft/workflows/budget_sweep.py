@@ -7,9 +7,9 @@ best on validation (the authors' answer in ziplab/SPT issue #1; its scripts loop
 reached the highest validation top-1 (the smaller budget on a tie), and writes it to the bundle's
 ``budget_file``: the file the final ``split_mode="test"`` run reads its default ``budget`` from.
 
-    python -m medseg_peft.workflows.budget_sweep --config_file bundles/classify/classify.json bundles/methods/spt.json \\
+    python -m medseg_peft.workflows.budget_sweep --config_file bundles/classify/classify.json bundles/base.json bundles/methods/spt.json \\
         --budgets 200000,400000,600000,800000 --task dtd --data_root /data/vtab-1k --pretrained ViT-B_16.npz
-    python -m monai.bundle run --config_file "['bundles/classify/classify.json','bundles/methods/spt.json']" \\
+    python -m monai.bundle run --config_file "['bundles/classify/classify.json','bundles/base.json','bundles/methods/spt.json']" \\
         --task dtd --data_root /data/vtab-1k --pretrained ViT-B_16.npz       # reads the chosen budget
 
 Every option after ``--budgets`` is a bundle override, as ``monai.bundle run`` takes them. A budget whose
@@ -114,7 +114,7 @@ def _value(text: str):
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict]:
     p = argparse.ArgumentParser(prog="python -m medseg_peft.workflows.budget_sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Other --key value pairs are bundle overrides (e.g. --task dtd --data_root /data/vtab-1k).")
-    p.add_argument("--config_file", nargs="+", required=True, help="the bundle and its layers, e.g. bundles/classify/classify.json bundles/methods/spt.json")
+    p.add_argument("--config_file", nargs="+", required=True, help="the bundle and its layers, e.g. bundles/classify/classify.json bundles/base.json bundles/methods/spt.json")
     p.add_argument("--budgets", default=",".join(str(b) for b in SPT_BUDGETS), help="comma-separated parameter counts (default: SPT's 0.2-0.8 M)")
     p.add_argument("--meta_file", default=None)
     p.add_argument("--logging_file", default=None)

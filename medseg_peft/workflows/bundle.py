@@ -1,9 +1,8 @@
 """The run entry every task bundle calls: start (checks, lock, seed), select or resume, train, end.
 
 The task bundles (``polyp_fps.json``, ``organ_fps.json``, ``classify.json``) keep only what differs
-between tasks (data, network, loss, metrics, their user keys) and MONAI's own trainer / evaluator
-components under the model-zoo IDs (``train#trainer``, ``validate#evaluator``, ...); what they share is
-a call into the workflow modules: this one, the run folder (:mod:`.run_folder`), the handlers
+between tasks (data, network, loss, metrics, their user keys); the trainer / checkpoint skeleton they share
+is ``bundles/base.json``, and what that skeleton calls lives in the workflow modules: this one, the run folder (:mod:`.run_folder`), the handlers
 (:mod:`.handlers`), the checkpoints (:mod:`.checkpoints`) and the process group
 (:mod:`medseg_peft.distributed`). Every "rank 0 only" decision of a ``torchrun`` run lives in those
 modules; the ``multi_gpu.json`` layer only switches the process group, samplers and
@@ -99,7 +98,7 @@ def select_or_resume(selector: Selector, network: nn.Module, batches: Iterable, 
     if given(method) and str(method).lower() != selector.method:
         raise ValueError(
             f"method={method!r} was given, but this bundle's selector is {selector!r}. A method is a layer: "
-            f"--config_file \"['<task bundle>.json','bundles/methods/{str(method).lower()}.json']\" "
+            f"--config_file \"['<task bundle>.json',...,'bundles/methods/{str(method).lower()}.json']\" "
             f"(or --selector \"%bundles/methods/{str(method).lower()}.json#selector\")"
         )
     if settings is not None:
