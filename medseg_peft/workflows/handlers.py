@@ -27,12 +27,10 @@ def train_handlers(lr_scheduler, validator, val_interval: int, output_dir: str |
 
     if isinstance(val_interval, bool) or not isinstance(val_interval, int) or val_interval <= 0:
         raise ValueError(f"val_interval must be a positive integer (epochs between validations), got {val_interval!r}")
-    handlers = [
-        FiniteLoss(),
-        LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False),
-        ValidationHandler(validator=validator, interval=int(val_interval), epoch_level=True, exec_at_start=True),
-        ValidateLastEpoch(validator, int(val_interval)),
-    ]
+    handlers = [FiniteLoss(), LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False)]
+    if validator is not None:  # None: nothing to validate on (a training round of a MONAI Label datastore with val_split 0)
+        handlers += [ValidationHandler(validator=validator, interval=int(val_interval), epoch_level=True, exec_at_start=True),
+                     ValidateLastEpoch(validator, int(val_interval))]
     if is_main_process():
         handlers += progress_handlers(lr_scheduler.optimizer, stream)
         handlers.append(TensorBoardStatsHandler(log_dir=str(Path(output_dir) / "tensorboard"), tag_name="train_loss",

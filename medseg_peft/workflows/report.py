@@ -223,6 +223,9 @@ class RunReport:
         self.data.update(peak_memory_mib=mib, peak_memory_kind=kind)
 
     def on_training_done(self, trainer: Engine) -> None:
+        if "trainable" not in self.data:  # no validation ran (a training round with no validation volume)
+            trainable, fraction = self.tuned_fraction()
+            self.data.update(trainable=trainable, trainable_fraction=fraction, tuned_percent=100 * fraction)
         zero, best = self.data["zero_shot"] or {}, self.data["best"] or {}
         last = self.data["history"][-1] if self.data["history"] else {}
         lines = [

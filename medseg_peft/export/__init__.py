@@ -27,32 +27,22 @@ import logging
 import os
 import secrets
 import shutil
-from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
+
+from medseg_peft.export.configs import TRACE_POLICY, inference_config, metadata, network_config
+from medseg_peft.export.train_configs import multi_gpu_train_config, train_config
+from medseg_peft.io import atomic_write, atomic_write_json
 
 log = logging.getLogger("medseg_peft")
 
 BUNDLE_MODEL_SCRIPTS = ("sam", "segmenter", "tiny_vit", "named_checkpoints")  # medseg_peft.models modules copied into <bundle>/scripts/
 BUNDLE_DATA_SCRIPTS = ("volume_files", "volume_geometry", "volume_checks", "volume_writers", "volume_io", "volume_boxes", "bundle_errors")  # medseg_peft.data modules copied into <bundle>/scripts/
-SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-LOGGING_CONF = Path(__file__).resolve().parent / "bundles" / "logging.conf"  # package data: a wheel has it too
+LOGGING_CONF = Path(__file__).resolve().parents[1] / "bundles" / "logging.conf"  # package data: a wheel has it too
 PARTIAL_SUFFIX, PREVIOUS_SUFFIX = ".partial-", ".previous-"  # the hidden siblings of the export folder while it is written / replaced
-TRACE_POLICY = (
-    "traced on one slice; the network has no size-dependent branch (it always resizes to its input size and back), "
-    "so the graph takes [B, 1, H, W] grey slices in [0, 1] of any batch and in-plane size"
-)
-
-
-def _version(package: str) -> str:
-    try:
-        return pkg_metadata.version(package)
-    except pkg_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def merged_network(network: nn.Module, result_file: str | Path | None) -> nn.Module:
@@ -67,127 +57,6 @@ def merged_network(network: nn.Module, result_file: str | Path | None) -> nn.Mod
     return merge(network) if is_attached(network) else network
 
 
-def network_config(network: nn.Module, sam_variant: str) -> dict:
-    """The exported ``network_def``: the plain wrapper of the copied ``scripts/segmenter.py``, random weights until model.pt loads."""
-    return {
-        "_target_": "scripts.segmenter.sam_segmenter",
-        "variant": sam_variant,
-        "checkpoint": None,
-        "image_size": int(network.image_size),
-        "num_outputs": int(network.num_outputs),
-        "in_channels": int(network.in_channels),
-        "input_scale": float(network.input_scale),
-    }
-
-
-def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, channel, activation: str, prompt: str = "none") -> dict:
-    """The exported ``configs/inference.json``: load, orient, window, slice by slice (with boxes or not), invert, write label volumes.
-
-    Every input volume's header is checked (3D, its channels) before any model work, and under
-    ``python -m monai.bundle`` an error ends the output as one line naming the file (``scripts/bundle_errors.py``).
-
-    ``prompt`` is the default of its ``prompt`` key; the box step of the pre-processing and the inferer are
-    there either way (they do nothing without boxes), so ``--prompt box`` / ``--prompt none`` switch at run time.
-    """
-    from medseg_peft.data.volume_transforms import label_postprocessing_config, volume_preprocessing_config
-    from medseg_peft.workflows.prompts import check_prompt
-
-    steps = volume_preprocessing_config(["image"], intensity, spacing, channel, reader="scripts.volume_io.SimpleITKReader",
-                                        box_transform="scripts.volume_boxes.VolumeBoxesd")
-    post = label_postprocessing_config(activation, writer="scripts.volume_io.SaveLabelVolumed")
-    if check_prompt(prompt) == "box" and activation != "sigmoid":
-        raise ValueError(f"prompt 'box' needs activation 'sigmoid' (one output channel per class), but activation is {activation!r}")
-    classes = int(network.num_outputs) - (1 if activation == "softmax" else 0)
-    return {
-        "imports": ["$import torch", "$import scripts", "$import scripts.volume_io", "$import scripts.volume_boxes",
-                    "$import scripts.bundle_errors", "$from monai.engines import PrepareBatchExtraInput",
-                    "$from monai.engines import default_prepare_batch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "dataset_dir": None,
-        "output_dir": "$@bundle_root + '/eval'",
-        "output_postfix": "seg",
-        "sw_batch_size": 16,
-        "prompt": prompt,
-        "box_dir": None,
-        "datalist": (f"$scripts.volume_boxes.box_datalist(scripts.volume_io.check_volumes(scripts.volume_io.list_volumes(@dataset_dir), "
-                     f"channel={channel if channel is None else int(channel)}), prompt=@prompt, box_dir=@box_dir, "
-                     f"num_classes={classes}, activation={activation!r})"),
-        "network_def": network_config(network, sam_variant),
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": steps},
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
-        "inferer": {"_target_": "scripts.volume_boxes.BoxSliceInferer", "roi_size": [-1, -1], "spatial_dim": 2,
-                    "sw_batch_size": "@sw_batch_size"},
-        "prepare_batch": "$PrepareBatchExtraInput({'boxes': 'box'}) if @prompt == 'box' else default_prepare_batch",
-        "postprocessing": {"_target_": "Compose", "transforms": post},
-        "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'", "load_dict": {"model": "@network"},
-             "strict": True, "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
-        ],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader", "prepare_batch": "@prepare_batch",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing", "val_handlers": "@handlers"},
-        "initialize": ["$scripts.bundle_errors.short_errors()"],
-        "run": ["$@evaluator.run()"],
-    }
-
-
-def metadata(network: nn.Module, class_names: Mapping[int, str], intensity, modality: str, activation: str, trace_size: int,
-             prompt: str = "none") -> dict:
-    from medseg_peft.data.volume_transforms import resolve_intensity
-
-    channels = {"0": "background", **{str(int(k)): str(v) for k, v in class_names.items()}}
-    return {
-        "schema": SCHEMA_URL,
-        "version": "0.1.0",
-        "changelog": {"0.1.0": "exported by medseg-peft: SAM tuned by selection-based PEFT, merged"},
-        "monai_version": _version("monai"),
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "required_packages_version": {
-            "segment-anything": _version("segment-anything"),
-            "SimpleITK": _version("SimpleITK"),
-            "nibabel": _version("nibabel"),
-            "pytorch-ignite": _version("pytorch-ignite"),
-        },
-        "name": "SAM organ segmentation (medseg-peft export)",
-        "task": "Segmentation of " + ", ".join(channels[c] for c in channels if c != "0") + " in 3D volumes, slice by slice",
-        "description": (
-            ("A prompt-free SAM" if prompt == "none" else "A SAM prompted by boxes (MedSAM's protocol: a box file per volume)")
-            + " adapted by medseg-peft, merged into plain weights. inference.json orients each volume to RAS, "
-            f"applies the training intensity preset {resolve_intensity(intensity)}, runs the 2D network over axial slices "
-            "(SliceInferer, spatial_dim=2), inverts the orientation and writes a uint8 label volume with the input's geometry."
-        ),
-        "authors": "medseg-peft users",
-        "copyright": "Copyright (c) the exporting user",
-        "intended_use": "Research only: not for clinical diagnosis",
-        "data_type": "nifti, nrrd, mha, dicom series",
-        "image_classes": f"single channel {modality} volume, intensity preset {resolve_intensity(intensity)} to [0, 1]",
-        "label_classes": ", ".join(f"{k} = {v}" for k, v in channels.items()),
-        "pred_classes": ", ".join(f"{k} = {v}" for k, v in channels.items()),
-        "torchscript_input_policy": TRACE_POLICY + f" (traced at {trace_size} x {trace_size}; the network resizes to {network.image_size})",
-        "activation": activation,
-        "references": ["Kirillov et al., Segment Anything, ICCV 2023", "Zhang et al., Gradient-based Parameter Selection for Efficient Fine-Tuning, CVPR 2024"],
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image", "format": "hounsfield" if modality == "CT" else "magnitude", "modality": modality,
-                    "num_channels": 1, "spatial_shape": ["*", "*", "*"], "dtype": "float32", "value_range": [0, 1],
-                    "is_patch_data": False, "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "image", "format": "segmentation", "num_channels": len(channels), "spatial_shape": ["*", "*", "*"],
-                    "dtype": "float32", "value_range": [0, 1], "is_patch_data": False, "channel_def": channels,
-                }
-            },
-        },
-    }
-
-
 def _trace(network: nn.Module, size: int, path: Path, meta: dict, configs: dict) -> None:
     from monai.data import save_net_with_metadata
 
@@ -196,6 +65,29 @@ def _trace(network: nn.Module, size: int, path: Path, meta: dict, configs: dict)
         traced = torch.jit.trace(network, example, check_trace=False)
     extra = {f"{name}.json": json.dumps(cfg, indent=2).encode() for name, cfg in configs.items()}
     save_net_with_metadata(traced, str(path), meta_values=meta, more_extra_files=extra)
+
+
+def trace_model(network: nn.Module, bundle_dir: str | Path, version: str, change: str) -> str:
+    """After a training round: ``models/model.ts`` traced again from the new merged ``network`` (with the
+    bundle's metadata and configs inside, as the export writes it), ``metadata.json`` at ``version`` with
+    ``change`` in its changelog, and a ``models/model.pt2`` of the previous model removed (a ``torch.export``
+    program takes minutes to make; exporting the bundle again makes one). Returns the traced file."""
+    bundle = Path(bundle_dir)
+    meta_path = bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = version
+    meta["changelog"] = {version: change, **meta.get("changelog", {})}
+    size = int(network.image_size)
+    meta["torchscript_input_policy"] = TRACE_POLICY + f" (traced at {size} x {size}; the network resizes to {network.image_size})"
+    configs = {p.stem: json.loads(p.read_text()) for p in sorted((bundle / "configs").glob("*.json")) if p.stem != "metadata"}
+    model_ts = bundle / "models" / "model.ts"
+    atomic_write(model_ts, lambda tmp: _trace(network, size, Path(tmp), meta, configs), suffix=".ts")
+    atomic_write_json(meta, meta_path)
+    stale = bundle / "models" / "model.pt2"
+    if stale.exists():
+        stale.unlink()
+        log.info("removed %s (the previous model's program); export the bundle again for one of the new model", stale)
+    return str(model_ts)
 
 
 def _torch_export(network: nn.Module, size: int, path: Path) -> bool:
@@ -227,6 +119,7 @@ def export_bundle(
     modality: str | None = None,
     trace_size: int | None = None,
     torch_export: bool = True,
+    train_settings: Mapping | None = None,
 ) -> Path:
     """Write the bundle folder; returns its path. ``network`` is the plain (untuned) network the run tuned.
 
@@ -237,6 +130,9 @@ def export_bundle(
     The SAM variant written into ``network_def`` is read off the network's own weights (width and
     depth), so a run on the embedded demo model exports ``demo`` whatever ``sam_variant`` the bundle
     named; ``sam_variant`` is only the fallback for a network of no known variant.
+
+    ``train_settings`` (the run's values of the task's keys, :func:`train_config`) adds ``configs/train.json``
+    and ``configs/multi_gpu_train.json``, with which MONAI Label trains the bundle further.
     """
     from medseg_peft.data import volume_io
     from medseg_peft.data.volume_transforms import resolve_intensity
@@ -260,6 +156,12 @@ def export_bundle(
     sam_variant = found or sam_variant
     size = int(trace_size or merged.image_size)
     configs = {"inference": inference_config(merged, sam_variant, intensity, spacing, channel, activation, prompt)}
+    if train_settings is not None:
+        network_settings = {k: v for k, v in network_config(merged, sam_variant).items() if k not in ("_target_", "checkpoint")}
+        loop_settings = {**train_settings, "intensity": intensity, "spacing": spacing, "channel": channel, "activation": activation,
+                         "prompt": prompt}
+        configs["train"] = train_config(network_settings, class_names, loop_settings)
+        configs["multi_gpu_train"] = multi_gpu_train_config()
     meta = metadata(merged, class_names, intensity, modality, activation, size, prompt)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +171,8 @@ def export_bundle(
             (partial / sub).mkdir()
         torch.save(state, partial / "models" / "model.pt")
         (partial / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
-        (partial / "configs" / "inference.json").write_text(json.dumps(configs["inference"], indent=4))
+        for name, config in configs.items():
+            (partial / "configs" / f"{name}.json").write_text(json.dumps(config, indent=4))
         shutil.copy(LOGGING_CONF, partial / "configs" / "logging.conf")
         (partial / "scripts" / "__init__.py").write_text('"""Copies of medseg-peft modules the bundle configs need (SAM wrapper, volume IO, one-line errors)."""\n')
         models_dir = Path(sam_module.__file__).parent
