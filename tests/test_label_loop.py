@@ -109,6 +109,7 @@ def test_two_rounds_train_from_the_datastore_and_the_next_infer_uses_them(export
     first = json.loads((bundle / "rounds" / "round_1" / "round.json").read_text())
     assert first["method"] == "fps" and not first["validated"] and first["best"] is None and first["zero_shot"] is None
     assert digest(bundle / "models" / "model.pt") != exported_model and (bundle / "models" / "delta.safetensors").is_file()
+    assert digest(bundle / "rounds" / "round_1" / "previous_model.pt") == exported_model  # a round can be undone
     settings = json.loads((bundle / "configs" / "train.json").read_text())["network_settings"]
     after_one = saved_network(bundle / "models" / "model.pt", **settings)
     labels = infer(bundle, images, tmp_path / "round_1")
@@ -164,3 +165,34 @@ def test_bad_datastore_input_is_named_before_any_training(exported, tmp_path, ca
         train_request(bundle, items, {"max_epochs": 1, "val_split": 0.0, "method": "fps", "k": 4, "lr": 1e-3})
     assert message in error_chain(err.value)
     assert digest(bundle / "models" / "model.pt") == before
+
+
+def test_the_multi_gpu_round_runs_as_monai_labels_torchrun_command(exported, tmp_path):
+    """MONAI Label's multi-GPU path: the config with its overrides written to configs/monailabel_train.json, then
+    ``torchrun -m monai.bundle run run`` over it and configs/multi_gpu_train.json (here 2 CPU processes, gloo)."""
+    from monai.bundle import ConfigParser
+
+    source, datalist, images = exported
+    bundle = copy_of(source, tmp_path)
+    items = [{"image": str(p), "label": str(p.parent.parent / "labelsTr" / p.name)} for p in sorted(images.glob("*.nii.gz"))]
+    config = ConfigParser()
+    config.read_config(str(bundle / "configs" / "train.json"))
+    overrides = {"bundle_root": str(bundle), "train#trainer#max_epochs": 1, "train#dataset#data": items[:2], "device": "cpu",
+                 "train#handlers": config.get("train#handlers", []), "validate#dataset#data": items[2:4],
+                 "displayable_configs": {"method": "fps", "k": 4, "lr": 1e-3}}
+    for key, value in overrides.items():
+        config.set(value, key)
+    train_path = bundle / "configs" / "monailabel_train.json"
+    ConfigParser.export_config_file(config.config, str(train_path), indent=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+                           "-m", "monai.bundle", "run", "run", "--meta_file", str(bundle / "configs" / "metadata.json"),
+                           "--config_file", f"['{train_path}','{bundle / 'configs' / 'multi_gpu_train.json'}']",
+                           "--logging_file", str(bundle / "configs" / "logging.conf")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rounds = sorted(p.name for p in (bundle / "rounds").iterdir() if not p.name.startswith("."))
+    assert rounds == ["round_1"]  # one round for both processes
+    summary = json.loads((bundle / "rounds" / "round_1" / "round.json").read_text())
+    assert summary["validated"] and digest(bundle / "models" / "model.pt") != digest(source / "models" / "model.pt")

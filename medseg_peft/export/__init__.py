@@ -184,7 +184,7 @@ def export_bundle(
         _trace(merged, size, partial / "models" / "model.ts", meta, configs)
         exported = torch_export and _torch_export(merged, size, partial / "models" / "model.pt2")
         (partial / "LICENSE").write_text("The exported weights inherit the licence of the base SAM checkpoint and of the training data.\n")
-        (partial / "docs" / "README.md").write_text(_readme(meta, exported, prompt))
+        (partial / "docs" / "README.md").write_text(_readme(meta, exported, prompt, trains="train" in configs))
         _put_in_place(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already when the export succeeded
@@ -223,7 +223,7 @@ def _put_in_place(built: Path, out: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _readme(meta: dict, exported: bool, prompt: str = "none") -> str:
+def _readme(meta: dict, exported: bool, prompt: str = "none", trains: bool = False) -> str:
     return f"""# {meta['name']}
 
 {meta['description']}
@@ -249,5 +249,16 @@ no box spans stay empty. `--prompt none` runs prompt-free. `model.ts` and `model
 
 3D Slicer: copy this folder into a MONAI Label `monaibundle` app's `model/` folder, start the server
 (`monailabel start_server --app <app> --studies <images> --conf models <this folder's name>`) and use
-the MONAI Label module's auto-segmentation.
+the MONAI Label module's auto-segmentation.{_training(trains)}
 """
+
+
+def _training(trains: bool) -> str:
+    if not trains:
+        return ""
+    return """
+
+Training: MONAI Label's train button runs `configs/train.json` (`configs/multi_gpu_train.json` with several GPUs),
+which needs medseg-peft where the server runs. Each request is one round in `rounds/round_<N>/`: it trains from
+`models/model.pt` on the datastore's labelled volumes (method, k and lr in the options panel), then replaces
+`models/model.pt` with the merged result (the round's start stays in its folder as `previous_model.pt`)."""

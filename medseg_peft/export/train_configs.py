@@ -67,8 +67,8 @@ def train_config(network_settings: Mapping, class_names: Mapping, settings: Mapp
         "output_dir": "$loop.start_round(@bundle_root)",
         "max_epochs": int(settings["epochs"]),
         "epochs": "@train#trainer#max_epochs",
-        # a datastore starts with one to three volumes: a batch never asks for more volumes than there are
-        "volumes_per_batch": f"$max(1, min({int(settings['volumes_per_batch'])}, len(@train#dataset#data)))",
+        # a datastore starts with one to three volumes: a batch never asks for more volumes than a process gets
+        "volumes_per_batch": f"$max(1, min({int(settings['volumes_per_batch'])}, len(@train#dataset#data) // wf.world_size()))",
         "initialize": [],
         "run": [
             "$@start_run",

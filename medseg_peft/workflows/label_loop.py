@@ -12,7 +12,8 @@ again. Each training request is one *round*, and a round:
    the base weights and the labelled volumes both changed, and FPS / GPS selection costs one pass);
 4. merges the best delta (or the last epoch's, when no volume was left for validation) into the base
    and replaces ``models/model.pt`` atomically, so MONAI Label's infer task uses the new model with no
-   change; the delta goes beside it as ``models/delta.safetensors`` and ``model.ts`` is traced again.
+   change; the delta goes beside it as ``models/delta.safetensors``, ``model.ts`` is traced again, and the
+   model the round started from stays in the round folder (``previous_model.pt``: copy it back to undo).
 
 MONAI Label runs only the ``run`` list of a single-process round (no ``initialize`` / ``finalize``),
 so the whole round lives there.
@@ -39,6 +40,7 @@ log = logging.getLogger("medseg_peft")
 ROUNDS_DIR = "rounds"
 ROUND_FILE = "round.json"
 MODEL_FILE, DELTA_FILE = "model.pt", "delta.safetensors"
+PREVIOUS_MODEL = "previous_model.pt"  # in the round folder: the model the round started from
 
 
 def option(value):
@@ -171,6 +173,7 @@ def finish_round(network: nn.Module, network_def: Mapping, output_dir: str | Pat
     change = f"training round {number} from MONAI Label ({method or metrics.get('method', '')}, rounds/{out.name})"
     # model.pt last: it is the file MONAI Label's infer task loads, and a failure before it leaves the previous model in use
     traced = trace_model(merged, bundle_root, version=f"0.1.{number}", change=change)
+    atomic_write(out / PREVIOUS_MODEL, lambda tmp: shutil.copyfile(models / MODEL_FILE, tmp))  # to roll this round back
     atomic_write(models / DELTA_FILE, lambda tmp: shutil.copyfile(result, tmp))
     atomic_write(models / MODEL_FILE, lambda tmp: torch.save(state, tmp))
     summary = {"round": number, "method": method, "result": str(result.name), "validated": bool(validated),
