@@ -131,3 +131,39 @@ def test_slice_sampling_draws_foreground_and_resizes():
     present = [set(np.unique(np.asarray(s["label"])).tolist()) for s in samples]
     assert all(p & {1.0, 2.0} for p in present)  # no background draws: every slice holds an organ
     assert any(2.0 in p for p in present) and any(1.0 in p for p in present)
+
+
+@pytest.mark.parametrize("prompt,spacing", [("none", None), ("box", [1.5, 1.5])])
+def test_the_organ_bundles_transform_lists_are_the_library_pipeline(prompt, spacing, tmp_path):
+    """``organ_fps.json`` lists its transforms step by step (overridable by key); they equal the library's
+    ``volume_preprocessing`` + ``slice_sampling`` (training) and ``validation_preprocessing`` (validation)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from conftest import ORGAN, bundle_files
+    from medseg_peft.data.synthetic_organs import make_synthetic_organs
+    from medseg_peft.data.volume_transforms import validation_preprocessing, volume_preprocessing
+
+    root = make_synthetic_organs(tmp_path, n_train=2, n_test=0, seed=1)
+    items = [{"image": str(p), "label": str(p.parent.parent / "labelsTr" / p.name)} for p in sorted((root / "imagesTr").glob("*.nii.gz"))]
+    parser = ConfigParser()
+    parser.read_config(bundle_files(ORGAN))
+    parser.update({"num_classes": 3, "input_size": 32, "prompt": prompt, "spacing": spacing, "slices_per_volume": 3,
+                   "train#preprocessing#transforms#9#mode": ["nearest", "nearest"]})
+    steps = parser.get_parsed_content("train#preprocessing")
+    assert tuple(steps.transforms[9].mode) == ("nearest", "nearest")  # one step's setting, overridden by its key
+    parser["train#preprocessing#transforms#9#mode"] = ["bilinear", "nearest"]
+    volumes = volume_preprocessing(["image", "label"], intensity="ct_soft_tissue", spacing=spacing)
+    library_train = Compose([volumes, slice_sampling(3, 32, samples_per_volume=3, background_ratio=0.3, prompt=prompt)]).flatten()
+    for bundle, library in ((parser.get_parsed_content("train#preprocessing", lazy=False), library_train),
+                            (parser.get_parsed_content("validate#preprocessing"), validation_preprocessing(volumes, prompt))):
+        bundle.set_random_state(3), library.set_random_state(3)
+        for item in items:
+            ours, theirs = bundle(dict(item)), library(dict(item))
+            ours, theirs = (ours, theirs) if isinstance(theirs, list) else ([ours], [theirs])
+            assert len(ours) == len(theirs)
+            for a, b in zip(ours, theirs):
+                assert set(a) == set(b)
+                for key in ("image", "label", "box"):
+                    if key in b:
+                        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key

@@ -190,11 +190,12 @@ class PromptBoxesd(Randomizable, MapTransform):
     nothing for ``"none"``; one step either way, so a bundle lists it whatever the prompt. Seeding it
     (``Compose`` does, under ``set_determinism``) seeds the box jitter."""
 
-    def __init__(self, prompt: str = "none", jitter: int = 0, label_key: str = LABEL_KEY):
+    def __init__(self, prompt: str = "none", jitter: int = 0, label_key: str = LABEL_KEY, **boxes):
         MapTransform.__init__(self, [label_key])
         if prompt not in PROMPTS:
             raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
-        self.boxes = BoxesFromMaskd(label_key, jitter=jitter) if prompt == "box" else None
+        # boxes: BoxesFromMaskd's other settings (max_boxes, classes, channel_offset for label maps of classes)
+        self.boxes = BoxesFromMaskd(label_key, jitter=jitter, **boxes) if prompt == "box" else None
 
     def set_random_state(self, seed=None, state=None) -> "PromptBoxesd":
         super().set_random_state(seed, state)

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform
 
 from medseg_peft.data.volume_boxes import check_prompt
@@ -83,6 +84,15 @@ def intensity_config(intensity: str | Mapping | None, key: str = "image") -> dic
     return {"_target_": "ScaleIntensityd", "keys": key, "minv": 0.0, "maxv": 1.0}
 
 
+def spacing_config(keys: Sequence[str], spacing: Sequence[float]) -> dict:
+    """In-plane resampling to ``spacing`` ``[sx, sy]`` mm, the slice spacing kept; ``keys[0]`` bilinear, the others nearest."""
+    sx, sy = (float(v) for v in spacing)
+    if sx <= 0 or sy <= 0:
+        raise ValueError(f"spacing must be two positive in-plane sizes in mm, got {list(spacing)}")
+    keys = list(keys)
+    return {"_target_": "Spacingd", "keys": keys, "pixdim": [sx, sy, -1.0], "mode": ["bilinear" if k == keys[0] else "nearest" for k in keys]}
+
+
 def volume_preprocessing_config(
     keys: Sequence[str] = ("image", "label"),
     intensity: str | Mapping | None = "ct_soft_tissue",
@@ -112,11 +122,7 @@ def volume_preprocessing_config(
         steps.append({"_target_": "Lambdad", "keys": image, "func": f"$lambda x: x[{c}:{c + 1}]"})
     steps.append({"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"})
     if spacing is not None:
-        sx, sy = (float(v) for v in spacing)
-        if sx <= 0 or sy <= 0:
-            raise ValueError(f"spacing must be two positive in-plane sizes in mm, got {list(spacing)}")
-        modes = ["bilinear" if k == image else "nearest" for k in keys]
-        steps.append({"_target_": "Spacingd", "keys": keys, "pixdim": [sx, sy, -1.0], "mode": modes})
+        steps.append(spacing_config(keys, spacing))
     steps.append(intensity_config(intensity, image))
     steps.append({"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32"})
     if box_transform is not None:
@@ -173,6 +179,48 @@ def volume_preprocessing(keys: Sequence[str] = ("image", "label"), intensity: st
     return instantiate(volume_preprocessing_config(keys, intensity, spacing, channel, box_transform=boxes))
 
 
+class PickChanneld(MapTransform):
+    """One channel of a multi-channel image (``channel``, e.g. one MR sequence of MSD BrainTumour); ``None``: unchanged.
+
+    A step whatever the setting, so a bundle lists it and ``--channel`` switches it."""
+
+    def __init__(self, keys: KeysCollection = "image", channel: int | None = None):
+        super().__init__(keys)
+        self.channel = None if channel is None else int(channel)
+
+    def __call__(self, data):
+        d = dict(data)
+        if self.channel is not None:
+            for key in self.key_iterator(d):
+                d[key] = d[key][self.channel : self.channel + 1]
+        return d
+
+
+class InPlaneSpacingd(MapTransform):
+    """Resample in plane to ``spacing`` ``[sx, sy]`` mm, the slice spacing kept (bilinear for the first key,
+    nearest for label maps); ``None``: unchanged. Slices are trained and inferred one by one."""
+
+    def __init__(self, keys: KeysCollection = ("image", "label"), spacing: Sequence[float] | None = None):
+        super().__init__(keys)
+        self.resample = None
+        if spacing is not None:
+            self.resample = instantiate([spacing_config(list(self.keys), spacing)])
+
+    def __call__(self, data):
+        return self.resample(dict(data)) if self.resample is not None else dict(data)
+
+
+class IntensityPresetd(MapTransform):
+    """An ``intensity`` preset or spec (:data:`INTENSITY_PRESETS`, :func:`resolve_intensity`) mapped to [0, 1]."""
+
+    def __init__(self, keys: KeysCollection = "image", intensity: str | Mapping | None = "ct_soft_tissue"):
+        super().__init__(keys)
+        self.scale = instantiate([intensity_config(intensity, key) for key in self.keys])
+
+    def __call__(self, data):
+        return self.scale(dict(data))
+
+
 class SliceBoxesd(MapTransform):
     """Add ``"box"`` ``[slices, max_boxes, 5]``: the exact boxes of every axial slice of ``label`` ``[1, R, A, S]``.
 
@@ -181,15 +229,19 @@ class SliceBoxesd(MapTransform):
     slices ``SliceInferer(spatial_dim=2)`` cuts), largest first; unused rows are -1.
     """
 
-    def __init__(self, label_key: str = "label", box_key: str = "box", max_boxes: int = MAX_SLICE_BOXES, spatial_dim: int = 2):
+    def __init__(self, label_key: str = "label", box_key: str = "box", max_boxes: int = MAX_SLICE_BOXES, spatial_dim: int = 2,
+                 prompt: str = "box"):
         super().__init__([label_key])
         self.label_key, self.box_key = label_key, box_key
         self.max_boxes, self.spatial_dim = int(max_boxes), int(spatial_dim)
+        self.enabled = check_prompt(prompt) == "box"  # "none": a step that adds nothing, so a bundle lists it either way
 
     def __call__(self, data):
         from medseg_peft.data.box_prompts import object_boxes
 
         d = dict(data)
+        if not self.enabled:
+            return d
         label = d[self.label_key]
         volume = np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label)[0]
         planes = np.moveaxis(volume, self.spatial_dim, 0)  # [slices, height, width]
@@ -242,6 +294,9 @@ def slice_sampling(num_classes: int, image_size: int, samples_per_volume: int = 
 
 __all__ = [
     "INTENSITY_PRESETS",
+    "InPlaneSpacingd",
+    "IntensityPresetd",
+    "PickChanneld",
     "SliceBoxesd",
     "validation_preprocessing",
     "instantiate",

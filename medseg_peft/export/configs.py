@@ -6,7 +6,9 @@ runs where medseg-peft is not installed (a MONAI Label server, Slicer's Python).
 
 from __future__ import annotations
 
+import json
 from importlib import metadata as pkg_metadata
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -40,8 +42,14 @@ def network_config(network: nn.Module, sam_variant: str) -> dict:
     }
 
 
+INFERENCE_TEMPLATE = Path(__file__).resolve().parent / "inference.json"  # package data: the exported config, less what a run decides
+
+
 def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, channel, activation: str, prompt: str = "none") -> dict:
     """The exported ``configs/inference.json``: load, orient, window, slice by slice (with boxes or not), invert, write label volumes.
+
+    ``export/inference.json`` is the config; the run fills in its prompt, channel, classes, activation,
+    network and the pre- / post-processing lists (the training's own, pointed at the bundle's ``scripts/``).
 
     Every input volume's header is checked (3D, its channels) before any model work, and under
     ``python -m monai.bundle`` an error ends the output as one line naming the file (``scripts/bundle_errors.py``).
@@ -57,41 +65,17 @@ def inference_config(network: nn.Module, sam_variant: str, intensity, spacing, c
     post = label_postprocessing_config(activation, writer="scripts.volume_io.SaveLabelVolumed")
     if check_prompt(prompt) == "box" and activation != "sigmoid":
         raise ValueError(f"prompt 'box' needs activation 'sigmoid' (one output channel per class), but activation is {activation!r}")
-    classes = int(network.num_outputs) - (1 if activation == "softmax" else 0)
-    return {
-        "imports": ["$import torch", "$import scripts", "$import scripts.volume_io", "$import scripts.volume_boxes",
-                    "$import scripts.bundle_errors", "$from monai.engines import PrepareBatchExtraInput",
-                    "$from monai.engines import default_prepare_batch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "dataset_dir": None,
-        "output_dir": "$@bundle_root + '/eval'",
-        "output_postfix": "seg",
-        "sw_batch_size": 16,
+    config = json.loads(INFERENCE_TEMPLATE.read_text())
+    config.update({
         "prompt": prompt,
-        "box_dir": None,
-        "datalist": (f"$scripts.volume_boxes.box_datalist(scripts.volume_io.check_volumes(scripts.volume_io.list_volumes(@dataset_dir), "
-                     f"channel={channel if channel is None else int(channel)}), prompt=@prompt, box_dir=@box_dir, "
-                     f"num_classes={classes}, activation={activation!r})"),
+        "channel": None if channel is None else int(channel),
+        "num_classes": int(network.num_outputs) - (1 if activation == "softmax" else 0),
+        "activation": activation,
         "network_def": network_config(network, sam_variant),
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": steps},
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
-        "inferer": {"_target_": "scripts.volume_boxes.BoxSliceInferer", "roi_size": [-1, -1], "spatial_dim": 2,
-                    "sw_batch_size": "@sw_batch_size"},
-        "prepare_batch": "$PrepareBatchExtraInput({'boxes': 'box'}) if @prompt == 'box' else default_prepare_batch",
-        "postprocessing": {"_target_": "Compose", "transforms": post},
-        "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'", "load_dict": {"model": "@network"},
-             "strict": True, "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
-        ],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader", "prepare_batch": "@prepare_batch",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing", "val_handlers": "@handlers"},
-        "initialize": ["$scripts.bundle_errors.short_errors()"],
-        "run": ["$@evaluator.run()"],
-    }
+    })
+    config["preprocessing"]["transforms"] = steps
+    config["postprocessing"]["transforms"] = post
+    return config
 
 
 def metadata(network: nn.Module, class_names: Mapping[int, str], intensity, modality: str, activation: str, trace_size: int,
