@@ -259,3 +259,46 @@ def test_exported_bundle_reads_box_files_itself_and_labels_only_the_boxes_slices
     assert np.array_equal(a, expected)
     b = np.asanyarray(nib.load(tmp_path / "labels" / "b_seg.nii.gz").dataobj)
     assert set(np.unique(b[:, :4, :]).tolist()) == {1} and not b[:, 4:, :].any()
+
+
+def test_a_coarse_label_given_with_the_request_prompts_the_exported_bundle_called_as_monai_label_calls_it(tmp_path):
+    """MONAI Label's /infer may carry a label volume (request["label"]); its bundle infer task runs the config's
+    ``preprocessing`` on the request and calls ``inferer(image[None], network)``: the boxes reach the network
+    through the image's metadata, one per class and slice, where the coarse label is (here a permuted, flipped grid)."""
+    from monai.bundle import ConfigParser
+
+    from medseg_peft.export import export_bundle
+
+    bundle = export_bundle(tmp_path / "bundle", network=always_positive_organ_sam(), result_file=None, class_names=["a", "b"],
+                           intensity="minmax", activation="sigmoid", prompt="box", sam_variant="tiny", torch_export=False)
+    image = write_volume(tmp_path / "case.nii.gz")
+    coarse = np.zeros((12, 9, 7), dtype=np.uint8)
+    coarse[2:6, 1:3, 1:4], coarse[7:9, 5:7, 3:6] = 1, 2  # stored axis j holds the axial slices of this permuted grid
+    nib.save(nib.Nifti1Image(coarse, PERMUTED), tmp_path / "coarse.nii.gz")
+
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(bundle))
+    try:
+        config = ConfigParser()
+        config.read_config(str(bundle / "configs" / "inference.json"))
+        config.config.update({"bundle_root": str(bundle)})
+        network = config.get_parsed_content("network_def")
+        network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+        data = config.get_parsed_content("preprocessing")({"image": str(image), "label": str(tmp_path / "coarse.nii.gz")})
+        inferer = config.get_parsed_content("inferer")
+        with torch.no_grad():
+            logits = inferer(data["image"][None], network.eval())  # as MONAI Label's run_inferer calls it
+            passed = inferer(data["image"][None], network, boxes=data["box"][None])  # as the bundle's own evaluator does
+    finally:
+        sys.path.remove(str(bundle))
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+    assert "label" not in data and data["box"].shape == (9, 2, 5)
+    assert torch.equal(logits, passed)
+    from medseg_peft.data.volume_transforms import volume_preprocessing
+
+    oriented = volume_preprocessing(["image", "label"], intensity="minmax")({"image": str(image), "label": str(tmp_path / "coarse.nii.gz")})
+    expected = [(oriented["label"][0] == c + 1).any(0).any(0).nonzero().flatten().tolist() for c in range(2)]
+    prompted = [(logits[0, c].amax(dim=(0, 1)) > 0).nonzero().flatten().tolist() for c in range(2)]
+    assert prompted == expected and [len(e) for e in expected] == [2, 2]  # each class on the axial slices its coarse label is on

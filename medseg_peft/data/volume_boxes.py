@@ -198,6 +198,57 @@ class VolumeBoxesd(MapTransform):
         return d
 
 
+class LabelBoxesd(MapTransform):
+    """A coarse label or ROI volume given with the request (``"label"``: MONAI Label's ``/infer`` puts an uploaded
+    label's path there) -> ``"box"``: per-slice boxes ``[slices, classes, 5]`` on the pre-processed image grid.
+
+    MedSAM's protocol with a rough mask in place of the truth: each slice is prompted by one box per class,
+    the in-plane extent of that class's voxels there; slices the label does not touch get no box. The label
+    is resampled onto the image (nearest neighbour, through both affines), so it may come on any grid.
+    ``prompt`` other than ``"box"`` makes the step pass items unchanged (a prompt-free model ignores it).
+    The boxes also ride in the image's metadata, for inferers called with the image alone.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", image_key: str = "image", box_key: str = BOX_KEY, prompt: str = "box",
+                 num_classes: int | None = None, spatial_dim: int = 2, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key, self.box_key, self.spatial_dim = image_key, box_key, int(spatial_dim)
+        self.enabled = check_prompt(prompt) == "box"
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    def __call__(self, data):
+        from monai.transforms import LoadImage, ResampleToMatch
+
+        from .volume_io import NiftiReader, SimpleITKReader
+
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in list(self.key_iterator(d)):
+            source = d.pop(key)
+            roi = source
+            if isinstance(roi, (str, Path)):
+                roi = LoadImage(reader=[SimpleITKReader(), NiftiReader()], image_only=True, ensure_channel_first=True)(str(roi))
+            image = d[self.image_key]
+            labels = np.rint(np.asarray(ResampleToMatch(mode="nearest")(roi, img_dst=image)[0])).astype(np.int64)
+            classes = sorted(int(v) for v in np.unique(labels) if v > 0)
+            if self.num_classes is not None and classes and classes[-1] > self.num_classes:
+                raise ValueError(f"label {source} holds value {classes[-1]}, but the model segments classes 1..{self.num_classes}")
+            if not classes:
+                raise ValueError(f"label {source} marks no voxel of the image: box prompts need a class drawn where to segment")
+            planes = np.moveaxis(labels, self.spatial_dim, 0)  # [slices, height, width]
+            prompts = torch.full((planes.shape[0], len(classes), 5), -1.0)
+            for n, value in enumerate(classes):  # one row per class: the class's in-plane extent on each slice it touches
+                for k, plane in enumerate(planes == value):
+                    rows, cols = np.nonzero(plane)
+                    if rows.size:
+                        prompts[k, n] = torch.tensor([cols.min(), rows.min(), cols.max(), rows.max(), value - 1], dtype=torch.float32)
+            d[self.box_key] = prompts
+            if isinstance(image, MetaTensor):
+                image.meta[self.box_key] = prompts
+        return d
+
+
 class BoxSliceInferer(SliceInferer):
     """``SliceInferer`` that also passes each slice its boxes: ``inferer(volume, network, boxes=[B, slices, N, 4|5])``.
 
@@ -209,6 +260,9 @@ class BoxSliceInferer(SliceInferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, boxes: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
+        if boxes is None and isinstance(inputs, MetaTensor) and BOX_KEY in inputs.meta:
+            boxes = torch.as_tensor(inputs.meta[BOX_KEY])  # LabelBoxesd's, for a caller that passes the image alone (MONAI Label)
+            boxes = boxes[None] if boxes.ndim == 3 else boxes
         if boxes is None:
             return super().__call__(inputs, network, *args, **kwargs)
         d = int(self.spatial_dim)
@@ -244,6 +298,7 @@ class BoxSliceInferer(SliceInferer):
 __all__ = [
     "BOX_SUFFIX",
     "BoxSliceInferer",
+    "LabelBoxesd",
     "VolumeBoxesd",
     "box_datalist",
     "box_file_for",

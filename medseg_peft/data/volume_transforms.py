@@ -125,8 +125,10 @@ def volume_preprocessing_config(
         steps.append(spacing_config(keys, spacing))
     steps.append(intensity_config(intensity, image))
     steps.append({"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32"})
-    if box_transform is not None:
+    if box_transform is not None:  # inference: boxes from a box file, or from a coarse label given with the request
         steps.append({"_target_": box_transform, "keys": "box_file", "image_key": image, "allow_missing_keys": True})
+        steps.append({"_target_": box_transform.rpartition(".")[0] + ".LabelBoxesd", "keys": "label", "image_key": image,
+                      "prompt": "@prompt", "num_classes": "@num_classes", "allow_missing_keys": True})
     return steps
 
 
@@ -176,7 +178,7 @@ def volume_preprocessing(keys: Sequence[str] = ("image", "label"), intensity: st
                          spacing: Sequence[float] | None = None, channel: int | None = None, prompt: str = "none") -> Compose:
     """``volume_preprocessing_config`` instantiated; ``prompt="box"`` adds the box file step (inference)."""
     boxes = VOLUME_BOXES if check_prompt(prompt) == "box" else None
-    return instantiate(volume_preprocessing_config(keys, intensity, spacing, channel, box_transform=boxes))
+    return instantiate(volume_preprocessing_config(keys, intensity, spacing, channel, box_transform=boxes), prompt=prompt, num_classes=None)
 
 
 class PickChanneld(MapTransform):
