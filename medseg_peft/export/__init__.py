@@ -246,6 +246,8 @@ boxes from `<volume stem>.boxes.json` beside it (`case_1.nii.gz` -> `case_1.boxe
 `{{"boxes": [[i1, j1, k1, i2, j2, k2], ...]}}`, inclusive voxel indices along the volume's stored axes (3D Slicer's
 IJK), each optionally `{{"box": [...], "label": class}}`. Every file is checked before inference starts; slices
 no box spans stay empty. `--prompt none` runs prompt-free. `model.ts` and `model.pt2` are the prompt-free graph.
+With `--prompt box`, an item's `"label"` (a coarse label or ROI volume; MONAI Label's `/infer` passes an uploaded
+`label` file there) prompts each axial slice it touches with one box per class.
 
 3D Slicer: copy this folder into a MONAI Label `monaibundle` app's `model/` folder, start the server
 (`monailabel start_server --app <app> --studies <images> --conf models <this folder's name>`) and use
