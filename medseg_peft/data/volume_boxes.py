@@ -39,11 +39,15 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
-from monai.transforms import MapTransform
+from monai.transforms import LoadImage, MapTransform, ResampleToMatch
 from monai.utils import convert_to_dst_type
 
 from .volume_files import volume_stem
 from .volume_geometry import read_geometry
+from .volume_io import (  # at import: MONAI Label takes the bundle off sys.path before transforms run
+    NiftiReader,
+    SimpleITKReader,
+)
 
 PROMPTS = ("none", "box")
 BOX_SUFFIX = ".boxes.json"
@@ -217,10 +221,6 @@ class LabelBoxesd(MapTransform):
         self.num_classes = None if num_classes is None else int(num_classes)
 
     def __call__(self, data):
-        from monai.transforms import LoadImage, ResampleToMatch
-
-        from .volume_io import NiftiReader, SimpleITKReader
-
         d = dict(data)
         if not self.enabled:
             return d
