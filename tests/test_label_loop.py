@@ -76,12 +76,10 @@ def exported(tmp_path_factory):
     """A tiny organ run and its exported bundle, and the synthetic volumes as a datastore."""
     root = tmp_path_factory.mktemp("loop")
     cache = root / "cache"
-    os.environ["MEDSEG_PEFT_CACHE"] = str(cache)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module-scoped fixture: monkeypatch's context, not the fixture
+        patch.setenv("MEDSEG_PEFT_CACHE", str(cache))
         run_workflow(ORGAN, output_dir=str(root / "run"), **TINY)
         run_workflow(ORGAN, run_id="export", output_dir=str(root / "run"), **TINY)
-    finally:
-        del os.environ["MEDSEG_PEFT_CACHE"]
     images = sorted(cache.glob("*/imagesTr/*.nii.gz"))
     datalist = [{"image": str(p), "label": str(p.parent.parent / "labelsTr" / p.name)} for p in images][:3]
     return root / "run" / "bundle", datalist, images[0].parent

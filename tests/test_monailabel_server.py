@@ -166,12 +166,10 @@ def served(tmp_path_factory):
     """A tiny exported organ bundle in a MONAI Label app, three synthetic volumes in the studies folder, the server up."""
     root = tmp_path_factory.mktemp("monailabel")
     cache = root / "cache"
-    os.environ["MEDSEG_PEFT_CACHE"] = str(cache)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module-scoped fixture: monkeypatch's context, not the fixture
+        patch.setenv("MEDSEG_PEFT_CACHE", str(cache))
         run_workflow(ORGAN, output_dir=str(root / "run"), **TINY)
         run_workflow(ORGAN, run_id="export", output_dir=str(root / "run"), **TINY)
-    finally:
-        del os.environ["MEDSEG_PEFT_CACHE"]
     app, studies = root / "app", root / "studies"
     (app / "model").mkdir(parents=True)
     (app / "main.py").write_text(APP_MAIN)

@@ -180,7 +180,9 @@ def finish_round(network: nn.Module, network_def: Mapping, output_dir: str | Pat
                "zero_shot": metrics.get("zero_shot"), "best": metrics.get("best") if validated else None,
                "model": str(models / MODEL_FILE), "delta": str(models / DELTA_FILE), "model_ts": traced}
     atomic_write_json(summary, out / ROUND_FILE)
-    score = "no validation volume, no score" if not validated else f"zero-shot {_fmt(summary['zero_shot'])} -> best {_fmt(summary['best'])}"
+    best = summary["best"] or {}
+    score = ("no validation volume, no score" if not validated else
+             f"validation {_fmt(summary['zero_shot'])} at the round's start -> {_fmt(best)} at epoch {best.get('epoch', '-')}")
     print(f"round {summary['round']} done ({score}); models/model.pt now holds the merged result", flush=True)
     return models / MODEL_FILE
 
@@ -191,7 +193,9 @@ def _metrics(out: Path) -> dict:
 
 
 def _fmt(entry: dict | None) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in (entry or {}).items() if k != "epoch" and isinstance(v, (int, float))) or "n/a"
+    """The mean scores of a metrics entry (per-class scores stay in metrics.json)."""
+    shown = [k for k in (entry or {}) if k in ("mDice", "mIoU", "top1")]
+    return ", ".join(f"{k} {entry[k]:.4f}" for k in shown) or "n/a"
 
 
 __all__ = ["RoundHandlers", "end_round", "finish_round", "option", "round_data", "round_selector", "saved_network", "start_round"]
