@@ -99,6 +99,8 @@ def test_two_rounds_train_from_the_datastore_and_the_next_infer_uses_them(export
     bundle = copy_of(source, tmp_path)
     shown = json.loads((bundle / "configs" / "train.json").read_text())["displayable_configs"]
     assert shown["method"][0] == "fps" and {"method", "k", "lr"} == set(shown)
+    run_lr = json.loads((source.parent / "metrics.json").read_text())["settings"]["lr"]
+    assert shown["lr"] == pytest.approx(run_lr / 10)  # a round continues a tuned model on a few volumes
     exported_model = digest(bundle / "models" / "model.pt")
     zero_shot = infer(bundle, images, tmp_path / "zero_shot")
 
