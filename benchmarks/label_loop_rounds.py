@@ -25,11 +25,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import ORGAN, run_workflow  # noqa: E402
+from conftest import export_organ_bundle  # noqa: E402
 from test_monailabel_server import APP_MAIN, NAME, Server, infer, put_label, train  # noqa: E402
 
 CLASSES = {1: "liver", 2: "spleen", 3: "kidneys"}
@@ -51,13 +50,8 @@ def export(seed: int, root: Path, epochs: int) -> tuple[Path, Path]:
     (volume i depends only on the seed and i, so its volumes 0-11 are the run's and 12-13 its test volumes)."""
     from medseg_peft.data.synthetic_organs import make_synthetic_organs
 
-    cache = root / "cache"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEDSEG_PEFT_CACHE", str(cache))
-        settings = dict(epochs=epochs, image_size=64, synthetic_volumes=12, seed=seed)
-        run_workflow(ORGAN, output_dir=str(root / "run"), **settings)
-        run_workflow(ORGAN, run_id="export", output_dir=str(root / "run"), **settings)
-    return root / "run" / "bundle", make_synthetic_organs(cache, n_train=21, n_test=0, seed=seed)
+    bundle, cache = export_organ_bundle(root, epochs=epochs, image_size=64, synthetic_volumes=12, seed=seed)
+    return bundle, make_synthetic_organs(cache, n_train=21, n_test=0, seed=seed)
 
 
 def rounds(exported: Path, full: Path, root: Path, store_ids: list[int], request: dict, lr_scale: float) -> dict[str, float]:

@@ -52,6 +52,17 @@ def run_workflow(config_file, run_id: str = "run", **overrides):
     return wf
 
 
+def export_organ_bundle(root: Path, **settings) -> tuple[Path, Path]:
+    """The organ bundle trained and exported under ``root`` (``settings``: its keys), with the synthetic set cached in
+    ``root/cache``; returns the exported bundle folder and that cache."""
+    cache = root / "cache"
+    with pytest.MonkeyPatch.context() as patch:  # also for module-scoped fixtures and scripts, which have no monkeypatch
+        patch.setenv("MEDSEG_PEFT_CACHE", str(cache))
+        run_workflow(ORGAN, output_dir=str(root / "run"), **settings)
+        run_workflow(ORGAN, run_id="export", output_dir=str(root / "run"), **settings)
+    return root / "run" / "bundle", cache
+
+
 def error_chain(err: BaseException) -> str:
     """Every message along an exception's causes: bundle errors wrap the one that names the file."""
     parts = []

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ORGAN, error_chain, run_workflow
+from conftest import error_chain, export_organ_bundle
 
 TINY = dict(epochs=1, val_interval=1, synthetic_volumes=4, volumes_per_batch=2, slices_per_volume=4, image_size=64, select_batches=2)
 
@@ -74,15 +74,10 @@ def digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny organ run and its exported bundle, and the synthetic volumes as a datastore."""
-    root = tmp_path_factory.mktemp("loop")
-    cache = root / "cache"
-    with pytest.MonkeyPatch.context() as patch:  # a module-scoped fixture: monkeypatch's context, not the fixture
-        patch.setenv("MEDSEG_PEFT_CACHE", str(cache))
-        run_workflow(ORGAN, output_dir=str(root / "run"), **TINY)
-        run_workflow(ORGAN, run_id="export", output_dir=str(root / "run"), **TINY)
+    bundle, cache = export_organ_bundle(tmp_path_factory.mktemp("loop"), **TINY)
     images = sorted(cache.glob("*/imagesTr/*.nii.gz"))
     datalist = [{"image": str(p), "label": str(p.parent.parent / "labelsTr" / p.name)} for p in images][:3]
-    return root / "run" / "bundle", datalist, images[0].parent
+    return bundle, datalist, images[0].parent
 
 
 def copy_of(bundle: Path, tmp_path: Path) -> Path:

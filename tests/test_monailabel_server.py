@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ORGAN, run_workflow
+from conftest import export_organ_bundle
 
 pytest.importorskip("monailabel")
 
@@ -165,15 +165,11 @@ def train(server: Server, **params) -> dict:
 def served(tmp_path_factory):
     """A tiny exported organ bundle in a MONAI Label app, three synthetic volumes in the studies folder, the server up."""
     root = tmp_path_factory.mktemp("monailabel")
-    cache = root / "cache"
-    with pytest.MonkeyPatch.context() as patch:  # a module-scoped fixture: monkeypatch's context, not the fixture
-        patch.setenv("MEDSEG_PEFT_CACHE", str(cache))
-        run_workflow(ORGAN, output_dir=str(root / "run"), **TINY)
-        run_workflow(ORGAN, run_id="export", output_dir=str(root / "run"), **TINY)
+    exported, cache = export_organ_bundle(root, **TINY)
     app, studies = root / "app", root / "studies"
     (app / "model").mkdir(parents=True)
     (app / "main.py").write_text(APP_MAIN)
-    bundle = Path(shutil.copytree(root / "run" / "bundle", app / "model" / NAME))
+    bundle = Path(shutil.copytree(exported, app / "model" / NAME))
     images = sorted(cache.glob("*/imagesTr/*.nii.gz"))[:3]
     studies.mkdir()
     for image in images:

@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from medseg_peft.export.configs import TRACE_POLICY, inference_config, metadata, network_config
+from medseg_peft.export.configs import inference_config, metadata, network_config, trace_policy
 from medseg_peft.export.train_configs import multi_gpu_train_config, train_config
 from medseg_peft.io import atomic_write, atomic_write_json
 
@@ -78,7 +78,7 @@ def trace_model(network: nn.Module, bundle_dir: str | Path, version: str, change
     meta["version"] = version
     meta["changelog"] = {version: change, **meta.get("changelog", {})}
     size = int(network.image_size)
-    meta["torchscript_input_policy"] = TRACE_POLICY + f" (traced at {size} x {size}; the network resizes to {network.image_size})"
+    meta["torchscript_input_policy"] = trace_policy(size, network.image_size)
     configs = {p.stem: json.loads(p.read_text()) for p in sorted((bundle / "configs").glob("*.json")) if p.stem != "metadata"}
     model_ts = bundle / "models" / "model.ts"
     atomic_write(model_ts, lambda tmp: _trace(network, size, Path(tmp), meta, configs), suffix=".ts")

@@ -22,6 +22,11 @@ TRACE_POLICY = (
 )
 
 
+def trace_policy(trace_size: int, image_size: int) -> str:
+    """metadata.json's ``torchscript_input_policy`` for a graph traced at ``trace_size``."""
+    return TRACE_POLICY + f" (traced at {trace_size} x {trace_size}; the network resizes to {image_size})"
+
+
 def _version(package: str) -> str:
     try:
         return pkg_metadata.version(package)
@@ -111,7 +116,7 @@ def metadata(network: nn.Module, class_names: Mapping[int, str], intensity, moda
         "image_classes": f"single channel {modality} volume, intensity preset {resolve_intensity(intensity)} to [0, 1]",
         "label_classes": ", ".join(f"{k} = {v}" for k, v in channels.items()),
         "pred_classes": ", ".join(f"{k} = {v}" for k, v in channels.items()),
-        "torchscript_input_policy": TRACE_POLICY + f" (traced at {trace_size} x {trace_size}; the network resizes to {network.image_size})",
+        "torchscript_input_policy": trace_policy(trace_size, network.image_size),
         "activation": activation,
         "references": ["Kirillov et al., Segment Anything, ICCV 2023", "Zhang et al., Gradient-based Parameter Selection for Efficient Fine-Tuning, CVPR 2024"],
         "network_data_format": {
