@@ -30,18 +30,24 @@ def settings_of(cls: type[Selector]) -> list[str]:
     return [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def selector(method: str, **settings) -> Selector:
-    """The selector named ``method`` built from ``settings``; unknown methods and settings are errors."""
+def method_class(method: str) -> type[Selector]:
+    """The ``Selector`` class named ``method`` (any case); an unknown name is an error listing the known ones."""
     key = str(method).lower()
     if key not in METHODS:
         _import_methods()
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
-    cls = METHODS[key]
+    return METHODS[key]
+
+
+def selector(method: str, **settings) -> Selector:
+    """The selector named ``method`` built from ``settings``; unknown methods and settings are errors."""
+    cls = method_class(method)
+    key = cls.method
     unknown = sorted(set(settings) - set(settings_of(cls)))
     if unknown:
         raise TypeError(f"{cls.__name__} ({key!r}) takes no setting(s) {unknown}; its settings are {settings_of(cls)}")
     return cls(**settings)
 
 
-__all__ = ["METHODS", "selector", "settings_of"]
+__all__ = ["METHODS", "method_class", "selector", "settings_of"]

@@ -64,16 +64,13 @@ def option(value):
 def round_selector(method: str, **settings):
     """The selector of ``method`` with the settings it takes, out of every method's settings: the method is a
     choice in MONAI Label's train panel, so the round cannot know in advance which of them apply."""
-    from medseg_peft.selection.registry import METHODS, _import_methods, selector, settings_of
+    from medseg_peft.selection.registry import method_class, settings_of
 
-    key = str(method).lower()
-    _import_methods()
-    if key not in METHODS:
-        raise ValueError(f"unknown method {method!r} in displayable_configs; known methods: {sorted(METHODS)}")
-    takes = set(settings_of(METHODS[key]))
+    cls = method_class(method)
+    takes = set(settings_of(cls))
     if "loss" in takes:
-        settings["loss"] = settings.get("gps_loss") if key == "gps" else settings.get("task_loss")
-    return selector(key, **{k: v for k, v in settings.items() if k in takes})
+        settings["loss"] = settings.get("gps_loss") if cls.method == "gps" else settings.get("task_loss")
+    return cls(**{k: v for k, v in settings.items() if k in takes})
 
 
 def start_round(bundle_root: str | Path) -> str:
